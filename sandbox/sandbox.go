@@ -1,0 +1,416 @@
+// Package sandbox is matchlock's library: it creates a micro-VM from an
+// image, runs processes in it, moves files, and destroys it. The CLI, the
+// JSON-RPC server and the SDKs are thin faces over this package.
+//
+// A sandbox is one VM (vmm.Machine) booted from the project's kernel and an
+// initramfs holding the guest agent. The image's root filesystem is a
+// read-only ext4 disk shared by every sandbox of that image; each sandbox
+// writes to its own sparse ext4 layer, overlaid in the guest, so the image
+// is never modified. All host↔guest traffic is one guest/proto connection.
+package sandbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"matchlock.dev/matchlock/guest/proto"
+	"matchlock.dev/matchlock/internal/initramfs"
+	"matchlock.dev/matchlock/internal/paths"
+	"matchlock.dev/matchlock/kernel"
+	"matchlock.dev/matchlock/vmm"
+	"matchlock.dev/matchlock/vmm/qemu"
+)
+
+// Sentinel errors callers branch on.
+var (
+	ErrBootTimeout = errors.New("guest did not come up in time")
+	ErrClosed      = errors.New("sandbox closed")
+)
+
+// ImageConfig is the part of an OCI image config a sandbox honours.
+type ImageConfig struct {
+	Entrypoint []string
+	Cmd        []string
+	Env        []string
+	WorkingDir string
+	User       string
+}
+
+// ImageSource turns an image reference into a bootable root disk.
+type ImageSource interface {
+	// Rootfs returns the path of a read-only ext4 disk holding the image's
+	// flattened root filesystem, and the image's config.
+	Rootfs(ctx context.Context, ref string) (path string, cfg ImageConfig, err error)
+}
+
+// Options configures a new sandbox.
+type Options struct {
+	Image  string
+	Images ImageSource
+
+	Kernel string // path of the vmlinux; empty: kernel.Find
+	Agent  string // path of the guest agent binary; empty: FindAgent
+	Accel  string // "kvm", "tcg" or "" (detect)
+
+	CPUs        int
+	MemoryMiB   int // default 512
+	DiskSizeMiB int // writable layer size; default 4096
+	Hostname    string
+
+	// ConsoleLog receives the guest's serial console (kernel messages).
+	ConsoleLog io.Writer
+	// Notice receives one-line notices meant for the user (for example
+	// that KVM is unusable and TCG is used).
+	Notice func(string)
+	// BootTimeout bounds the wait for the guest agent. Default 60 s.
+	BootTimeout time.Duration
+}
+
+// Sandbox is one running micro-VM.
+type Sandbox struct {
+	ID    string
+	Image ImageConfig
+	Accel string
+
+	dir     string
+	machine vmm.Machine
+	conn    *proto.Conn
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// NewID returns a fresh sandbox id: "vm-" and 8 hex digits.
+func NewID() string {
+	var b [4]byte
+	rand.Read(b[:])
+	return "vm-" + hex.EncodeToString(b[:])
+}
+
+// New boots a sandbox and waits until its guest agent has set up the root
+// filesystem. On error nothing of the sandbox remains.
+func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
+	if opts.Images == nil {
+		return nil, errors.New("sandbox: no image source")
+	}
+	if opts.MemoryMiB == 0 {
+		opts.MemoryMiB = 512
+	}
+	if opts.DiskSizeMiB == 0 {
+		opts.DiskSizeMiB = 4096
+	}
+	if opts.CPUs == 0 {
+		opts.CPUs = 1
+	}
+	if opts.BootTimeout == 0 {
+		opts.BootTimeout = 60 * time.Second
+	}
+	if err := validate(&opts); err != nil {
+		return nil, err
+	}
+	kernelPath, err := kernel.Find(opts.Kernel)
+	if err != nil {
+		return nil, err
+	}
+	agentPath, err := FindAgent(opts.Agent)
+	if err != nil {
+		return nil, err
+	}
+	initrd, err := initramfs.Build(agentPath, filepath.Join(paths.CacheDir(), "initramfs"))
+	if err != nil {
+		return nil, err
+	}
+	rootfs, imgCfg, err := opts.Images.Rootfs(ctx, opts.Image)
+	if err != nil {
+		return nil, err
+	}
+
+	backend := &qemu.Backend{}
+	accel := opts.Accel
+	if accel == "" {
+		v := backend.DetectAccel(ctx, kernelPath, initrd, paths.CacheDir())
+		accel = v.Accel
+		if accel == "tcg" && !v.Cached && opts.Notice != nil {
+			opts.Notice(v.Reason + "; using TCG software emulation (slower)")
+		}
+	}
+
+	s := &Sandbox{ID: NewID(), Image: imgCfg, Accel: accel}
+	s.dir = filepath.Join(paths.StateDir(), "sandboxes", s.ID)
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("sandbox dir: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+
+	upper := filepath.Join(s.dir, "upper.ext4")
+	if err := makeLayer(ctx, upper, opts.DiskSizeMiB); err != nil {
+		return nil, err
+	}
+	hostname := opts.Hostname
+	if hostname == "" {
+		hostname = s.ID
+	}
+
+	console := opts.ConsoleLog
+	tail := &tailBuffer{max: 8 << 10}
+	if console == nil {
+		console = tail
+	} else {
+		console = io.MultiWriter(console, tail)
+	}
+	m, err := backend.Start(ctx, vmm.Spec{
+		Kernel: kernelPath, Initrd: initrd,
+		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
+		Disks:      []vmm.Disk{{Path: rootfs, ReadOnly: true}, {Path: upper}},
+		ConsoleLog: console, RunDir: s.dir, Accel: accel,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.machine = m
+
+	bootCtx, cancel := context.WithTimeout(ctx, opts.BootTimeout)
+	defer cancel()
+	go func() {
+		// A guest that dies during boot must not leave us waiting.
+		select {
+		case <-machineDone(m):
+			cancel()
+		case <-bootCtx.Done():
+		}
+	}()
+	s.conn = proto.NewConn(m.Control(), proto.Config{Initiator: true, Role: "host"})
+	if _, err := s.conn.Handshake(bootCtx); err != nil {
+		return nil, s.bootError(ctx, bootCtx, err, tail)
+	}
+	entropy := make([]byte, 64)
+	rand.Read(entropy)
+	res, err := s.call(bootCtx, proto.OpenHeader{Kind: proto.KindSetup, Setup: &proto.SetupRequest{
+		Hostname: hostname, UnixNano: time.Now().UnixNano(), Entropy: entropy,
+		RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
+	}})
+	if err != nil {
+		return nil, s.bootError(ctx, bootCtx, err, tail)
+	}
+	if res.Setup != nil && res.Setup.Error != "" {
+		return nil, fmt.Errorf("guest setup: %s", res.Setup.Error)
+	}
+	return s, nil
+}
+
+func (s *Sandbox) bootError(ctx, bootCtx context.Context, err error, tail *tailBuffer) error {
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	select {
+	case <-machineDone(s.machine):
+		msg := lastLines(tail.String(), 3)
+		if werr := s.machine.Wait(); werr != nil {
+			return fmt.Errorf("VM exited during boot: %v (console: %s)", werr, msg)
+		}
+		return fmt.Errorf("VM exited during boot (console: %s)", msg)
+	default:
+	}
+	if bootCtx.Err() != nil {
+		return fmt.Errorf("%w: no answer from the guest agent (console: %s)", ErrBootTimeout, lastLines(tail.String(), 3))
+	}
+	return fmt.Errorf("boot: %w", err)
+}
+
+func machineDone(m vmm.Machine) <-chan struct{} {
+	if d, ok := m.(interface{ Done() <-chan struct{} }); ok {
+		return d.Done()
+	}
+	ch := make(chan struct{})
+	go func() { m.Wait(); close(ch) }()
+	return ch
+}
+
+// call opens a stream, waits for its first result or error message, and
+// closes it.
+func (s *Sandbox) call(ctx context.Context, h proto.OpenHeader) (*proto.StreamMsg, error) {
+	st, err := s.conn.Open(ctx, proto.Encode(h))
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	return recvResult(ctx, st)
+}
+
+func recvResult(ctx context.Context, st *proto.Stream) (*proto.StreamMsg, error) {
+	for {
+		b, err := st.RecvMsg(ctx)
+		if err != nil {
+			return nil, err
+		}
+		m, err := proto.DecodeStreamMsg(b)
+		if err != nil {
+			return nil, err
+		}
+		switch m.Type {
+		case proto.MsgResult:
+			return m, nil
+		case proto.MsgError:
+			return nil, guestError(m)
+		}
+	}
+}
+
+// Close stops the VM and removes everything the sandbox put on the host.
+func (s *Sandbox) Close() error {
+	s.closeOnce.Do(func() {
+		if s.conn != nil {
+			s.conn.Close()
+		}
+		if s.machine != nil {
+			s.machine.Kill()
+			s.machine.Wait()
+		}
+		if s.dir != "" {
+			s.closeErr = os.RemoveAll(s.dir)
+		}
+	})
+	return s.closeErr
+}
+
+// Done is closed when the VM has exited.
+func (s *Sandbox) Done() <-chan struct{} { return machineDone(s.machine) }
+
+// Ping measures one round trip over the control channel.
+func (s *Sandbox) Ping(ctx context.Context) (time.Duration, error) { return s.conn.Ping(ctx) }
+
+// Dir is the sandbox's private host directory.
+func (s *Sandbox) Dir() string { return s.dir }
+
+// QEMUPid returns the VMM's process id.
+func (s *Sandbox) QEMUPid() int { return s.machine.Pid() }
+
+func validate(o *Options) error {
+	if o.CPUs < 1 || o.CPUs > 64 {
+		return fmt.Errorf("--cpus %d: want 1 to 64", o.CPUs)
+	}
+	if o.MemoryMiB < 64 || o.MemoryMiB > 1<<20 {
+		return fmt.Errorf("--memory %d: want 64 to 1048576 MiB", o.MemoryMiB)
+	}
+	if o.DiskSizeMiB < 16 || o.DiskSizeMiB > 16<<20 {
+		return fmt.Errorf("--disk-size %d: want 16 MiB to 16 TiB", o.DiskSizeMiB)
+	}
+	if o.Accel != "" && o.Accel != "kvm" && o.Accel != "tcg" {
+		return fmt.Errorf("--accel %q: want kvm or tcg", o.Accel)
+	}
+	if o.Hostname != "" && !validHostname(o.Hostname) {
+		return fmt.Errorf("--hostname %q: want letters, digits and '-', at most 63", o.Hostname)
+	}
+	return nil
+}
+
+func validHostname(h string) bool {
+	if len(h) > 63 || h[0] == '-' {
+		return false
+	}
+	for _, c := range h {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// makeLayer creates the sparse, empty ext4 writable layer. Its size is the
+// guest's limit: writing past it gives ENOSPC in the guest, and the host
+// file never grows beyond it.
+func makeLayer(ctx context.Context, path string, sizeMiB int) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("writable layer: %w", err)
+	}
+	err = f.Truncate(int64(sizeMiB) << 20)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("writable layer: %w", err)
+	}
+	mkfs, err := exec.LookPath("mkfs.ext4")
+	if err != nil {
+		return errors.New("mkfs.ext4 not found: install the e2fsprogs package")
+	}
+	out, err := exec.CommandContext(ctx, mkfs, "-q", "-F", "-m", "0", "-O", "^has_journal",
+		"-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0", path).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("format writable layer: %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// FindAgent locates the guest agent binary: explicit, $MATCHLOCK_GUEST, or
+// matchlock-guest next to the running executable.
+func FindAgent(explicit string) (string, error) {
+	cands := []string{explicit, os.Getenv("MATCHLOCK_GUEST")}
+	if exe, err := os.Executable(); err == nil {
+		dir := filepath.Dir(exe)
+		cands = append(cands, filepath.Join(dir, "matchlock-guest"), filepath.Join(dir, "..", "lib", "matchlock", "matchlock-guest"))
+	}
+	for _, c := range cands {
+		if c == "" {
+			continue
+		}
+		if fi, err := os.Stat(c); err == nil && fi.Mode().IsRegular() {
+			return c, nil
+		}
+	}
+	return "", errors.New("guest agent matchlock-guest not found next to matchlock: run 'make build' (or set MATCHLOCK_GUEST)")
+}
+
+// tailBuffer keeps the last max bytes written to it.
+type tailBuffer struct {
+	mu  sync.Mutex
+	max int
+	b   []byte
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.b = append(t.b, p...)
+	if len(t.b) > t.max {
+		t.b = append([]byte(nil), t.b[len(t.b)-t.max:]...)
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.b)
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	for i := range lines {
+		lines[i] = strings.TrimSpace(lines[i])
+	}
+	out := strings.Join(lines, " | ")
+	if out == "" {
+		return "empty"
+	}
+	return out
+}
+
+var _ = strconv.Itoa

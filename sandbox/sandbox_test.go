@@ -1,0 +1,156 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"matchlock.dev/matchlock/kernel"
+)
+
+// dirSource is an in-process ImageSource: a busybox tree made into an
+// ext4 disk with mkfs.ext4 -d. It lets this package's tests boot real VMs
+// without the image store.
+type dirSource struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+func (d *dirSource) Rootfs(ctx context.Context, ref string) (string, ImageConfig, error) {
+	d.once.Do(func() {
+		dir, err := os.MkdirTemp("", "matchlock-sbtest-")
+		if err != nil {
+			d.err = err
+			return
+		}
+		root := filepath.Join(dir, "root")
+		for _, sub := range []string{"bin", "etc", "tmp", "proc", "sys", "dev", "run"} {
+			os.MkdirAll(filepath.Join(root, sub), 0o755)
+		}
+		bb, err := os.ReadFile("/bin/busybox")
+		if err != nil {
+			d.err = err
+			return
+		}
+		os.WriteFile(filepath.Join(root, "bin", "busybox"), bb, 0o755)
+		for _, app := range []string{"sh", "echo", "cat", "ls", "sleep", "true", "id", "head", "sha256sum", "wc"} {
+			os.Symlink("busybox", filepath.Join(root, "bin", app))
+		}
+		os.WriteFile(filepath.Join(root, "etc", "passwd"), []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644)
+		d.path = filepath.Join(dir, "root.ext4")
+		out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", root, d.path, "64M").CombinedOutput()
+		if err != nil {
+			d.err = err
+			d.path = string(out)
+		}
+	})
+	return d.path, ImageConfig{Env: []string{"PATH=/bin"}}, d.err
+}
+
+var source = &dirSource{}
+
+var agentOnce = sync.OnceValues(func() (string, error) {
+	_, file, _, _ := runtime.Caller(0)
+	out := filepath.Join(os.TempDir(), "matchlock-sbtest-guest")
+	cmd := exec.Command("go", "build", "-o", out, "./cmd/matchlock-guest")
+	cmd.Dir = filepath.Join(filepath.Dir(file), "..")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", &exec.Error{Name: string(b), Err: err}
+	}
+	return out, nil
+})
+
+func newTestSandbox(t testing.TB) *Sandbox {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("boots a VM")
+	}
+	if _, err := kernel.Find(""); err != nil {
+		t.Fatalf("%v (run `make kernel`)", err)
+	}
+	agent, err := agentOnce()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("MATCHLOCK_HOME", t.TempDir())
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	sb, err := New(ctx, Options{Image: "test", Images: source, Agent: agent, MemoryMiB: 256, DiskSizeMiB: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Close() })
+	return sb
+}
+
+func TestExecAndFiles(t *testing.T) {
+	sb := newTestSandbox(t)
+	ctx := context.Background()
+	out, errOut, st, _, err := sb.Output(ctx, ExecOptions{Argv: []string{"sh", "-c", "echo hi; echo oops >&2; exit 3"}, Env: []string{"PATH=/bin"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(out) != "hi\n" || string(errOut) != "oops\n" || st.Code != 3 {
+		t.Fatalf("got %q %q %+v", out, errOut, st)
+	}
+	data := bytes.Repeat([]byte("0123456789abcdef"), 1<<16) // 1 MiB
+	if _, err := sb.WriteFile(ctx, "/tmp/f", bytes.NewReader(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	if _, err := sb.ReadFile(ctx, "/tmp/f", &got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got.Bytes(), data) {
+		t.Fatalf("round trip: %d bytes back", got.Len())
+	}
+	if _, err := sb.ReadFile(ctx, "/nonexistent", &got); err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Fatalf("read of missing file: %v", err)
+	}
+	files, err := sb.ListFiles(ctx, "/tmp")
+	if err != nil || len(files) != 1 || files[0].Name != "f" || files[0].Size != int64(len(data)) {
+		t.Fatalf("list: %+v %v", files, err)
+	}
+}
+
+func TestConcurrentExecs(t *testing.T) {
+	sb := newTestSandbox(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for i := 0; i < 8; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			out, _, st, _, err := sb.Output(context.Background(), ExecOptions{Argv: []string{"sh", "-c", "head -c 1048576 /dev/zero | wc -c"}})
+			if err != nil || st.Code != 0 || strings.TrimSpace(string(out)) != "1048576" {
+				errs <- &exec.Error{Name: string(out), Err: err}
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func BenchmarkControlRoundTrip(b *testing.B) {
+	sb := newTestSandbox(b)
+	ctx := context.Background()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := sb.Ping(ctx); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.StopTimer()
+}

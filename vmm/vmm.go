@@ -1,0 +1,79 @@
+// Package vmm defines the small interface between a sandbox and the virtual
+// machine monitor that runs it. The interface speaks of kernels, disks, a
+// network link and a control channel; it knows nothing of QEMU, so a
+// Firecracker backend can implement it too. The QEMU implementation lives in
+// vmm/qemu.
+package vmm
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+)
+
+// Spec describes one virtual machine.
+type Spec struct {
+	Kernel  string   // uncompressed PVH vmlinux
+	Initrd  string   // uncompressed cpio initramfs holding the guest agent as /init
+	Cmdline []string // extra kernel command-line words (the backend adds its own)
+
+	CPUs      int
+	MemoryMiB int
+
+	Disks []Disk // virtio-blk devices, in order: the guest sees vda, vdb, …
+
+	// Net, when set, attaches one virtio-net device whose Ethernet frames
+	// travel over Net.Conn with a 4-byte big-endian length prefix.
+	Net *Net
+
+	// ConsoleLog receives everything the guest writes to its serial
+	// console. It may be nil.
+	ConsoleLog io.Writer
+
+	// RunDir is a private directory the backend may use for sockets and
+	// state files. It must exist; the caller removes it.
+	RunDir string
+
+	// Accel selects acceleration: "kvm" or "tcg". Empty means the backend
+	// decides (see Backend.Probe).
+	Accel string
+}
+
+// Disk is a raw disk image attached as a virtio block device.
+type Disk struct {
+	Path     string
+	ReadOnly bool
+}
+
+// Net is a virtual NIC backed by a stream socket carrying length-prefixed
+// Ethernet frames.
+type Net struct {
+	Conn *os.File // one end of a socketpair; the backend passes it to the VMM
+	MAC  string   // e.g. "02:4d:4c:00:00:02"
+	MTU  int      // host MTU hint for the device; 0 means the default
+}
+
+// Backend starts machines.
+type Backend interface {
+	// Start launches a machine. The machine is bound to the calling
+	// process: if that process dies, even by SIGKILL, the machine dies too.
+	Start(ctx context.Context, spec Spec) (Machine, error)
+}
+
+// Machine is one running virtual machine.
+type Machine interface {
+	// Control returns the host end of the guest-agent channel. It is
+	// connected from the moment Start returns.
+	Control() net.Conn
+	// Wait blocks until the machine has exited and returns why.
+	Wait() error
+	// Kill stops the machine at once. It is safe to call more than once.
+	Kill() error
+	// Pid is the host process id of the VMM, for diagnostics and reaping.
+	Pid() int
+}
+
+// ErrNoAccel is returned when a requested acceleration is unavailable.
+var ErrNoAccel = errors.New("acceleration unavailable")
