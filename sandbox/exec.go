@@ -14,14 +14,14 @@ import (
 
 // ExecOptions describes a process to start in the guest.
 type ExecOptions struct {
-	Argv  []string
-	Env   []string // full environment, KEY=VALUE
-	Dir   string
-	User  string
-	Stdin bool // the caller will write to Process.Stdin
-	TTY   bool
-	Rows  uint16
-	Cols  uint16
+	Argv  []string `json:"argv"`
+	Env   []string `json:"env,omitempty"` // full environment, KEY=VALUE
+	Dir   string   `json:"dir,omitempty"`
+	User  string   `json:"user,omitempty"`
+	Stdin bool     `json:"stdin,omitempty"` // the caller will write to Process.Stdin
+	TTY   bool     `json:"tty,omitempty"`
+	Rows  uint16   `json:"rows,omitempty"`
+	Cols  uint16   `json:"cols,omitempty"`
 }
 
 // ExitStatus is how a guest process ended.

@@ -56,25 +56,43 @@ type ImageSource interface {
 
 // Options configures a new sandbox.
 type Options struct {
-	Image  string
-	Images ImageSource
+	ID     string      `json:"id,omitempty"` // default: NewID()
+	Image  string      `json:"image"`
+	Images ImageSource `json:"-"`
 
-	Kernel string // path of the vmlinux; empty: kernel.Find
-	Agent  string // path of the guest agent binary; empty: FindAgent
-	Accel  string // "kvm", "tcg" or "" (detect)
+	Kernel string `json:"kernel,omitempty"` // path of the vmlinux; empty: kernel.Find
+	Agent  string `json:"agent,omitempty"`  // path of the guest agent binary; empty: FindAgent
+	Accel  string `json:"accel,omitempty"`  // "kvm", "tcg" or "" (detect)
 
-	CPUs        int
-	MemoryMiB   int // default 512
-	DiskSizeMiB int // writable layer size; default 4096
-	Hostname    string
+	CPUs        int    `json:"cpus"`
+	MemoryMiB   int    `json:"memory_mib"`    // default 512
+	DiskSizeMiB int    `json:"disk_size_mib"` // writable layer size; default 4096
+	Hostname    string `json:"hostname,omitempty"`
+
+	// Network. With NoNetwork the VM has no NIC at all. Otherwise egress
+	// is sealed except for AllowHosts patterns (netstack/policy grammar);
+	// AllowPrivate names private destinations that may be reached.
+	NoNetwork    bool     `json:"no_network,omitempty"`
+	AllowHosts   []string `json:"allow_hosts,omitempty"`
+	AllowPrivate []string `json:"allow_private,omitempty"`
+	// Secrets are injected in flight on HTTPS requests to their hosts; the
+	// guest sees only a placeholder in $NAME.
+	Secrets []Secret `json:"secrets,omitempty"`
 
 	// ConsoleLog receives the guest's serial console (kernel messages).
-	ConsoleLog io.Writer
+	ConsoleLog io.Writer `json:"-"`
 	// Notice receives one-line notices meant for the user (for example
 	// that KVM is unusable and TCG is used).
-	Notice func(string)
+	Notice func(string) `json:"-"`
 	// BootTimeout bounds the wait for the guest agent. Default 60 s.
-	BootTimeout time.Duration
+	BootTimeout time.Duration `json:"boot_timeout,omitempty"`
+}
+
+// Secret is a value that never enters the VM.
+type Secret struct {
+	Name  string   `json:"name"`  // environment variable name in the guest
+	Value string   `json:"value"` // real value, host memory only
+	Hosts []string `json:"hosts"` // host patterns the value may be sent to
 }
 
 // Sandbox is one running micro-VM.
@@ -90,6 +108,12 @@ type Sandbox struct {
 	closeOnce sync.Once
 	closeErr  error
 }
+
+// hostProtoConfig bounds what a hostile guest can make this process hold:
+// with 64 streams of 128 KiB windows, about 55 MiB worst case (see the
+// guest/proto package doc for the formula). 64 concurrent requests per
+// sandbox is the resulting limit.
+var hostProtoConfig = proto.Config{Initiator: true, Role: "host", Window: 128 << 10, MaxStreams: 64}
 
 // NewID returns a fresh sandbox id: "vm-" and 8 hex digits.
 func NewID() string {
@@ -146,8 +170,12 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		}
 	}
 
-	s := &Sandbox{ID: NewID(), Image: imgCfg, Accel: accel}
-	s.dir = filepath.Join(paths.StateDir(), "sandboxes", s.ID)
+	id := opts.ID
+	if id == "" {
+		id = NewID()
+	}
+	s := &Sandbox{ID: id, Image: imgCfg, Accel: accel}
+	s.dir = SandboxDir(s.ID)
 	if err := os.MkdirAll(s.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("sandbox dir: %w", err)
 	}
@@ -194,7 +222,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		case <-bootCtx.Done():
 		}
 	}()
-	s.conn = proto.NewConn(m.Control(), proto.Config{Initiator: true, Role: "host"})
+	s.conn = proto.NewConn(m.Control(), hostProtoConfig)
 	if _, err := s.conn.Handshake(bootCtx); err != nil {
 		return nil, s.bootError(ctx, bootCtx, err, tail)
 	}
@@ -271,16 +299,32 @@ func recvResult(ctx context.Context, st *proto.Stream) (*proto.StreamMsg, error)
 	}
 }
 
+// Remote returns a Sandbox whose requests travel over conn to a process
+// that relays them to the guest (a supervisor). Exec and the file
+// operations work as on a local sandbox; Close only closes conn.
+func Remote(id string, conn *proto.Conn) *Sandbox {
+	return &Sandbox{ID: id, conn: conn}
+}
+
+// Conn is the sandbox's control connection.
+func (s *Sandbox) Conn() *proto.Conn { return s.conn }
+
+// Stop kills the VM but keeps the sandbox directory (writable layer, logs)
+// for inspection; Close or RemoveDir reclaims it.
+func (s *Sandbox) Stop() {
+	if s.conn != nil {
+		s.conn.Close()
+	}
+	if s.machine != nil {
+		s.machine.Kill()
+		s.machine.Wait()
+	}
+}
+
 // Close stops the VM and removes everything the sandbox put on the host.
 func (s *Sandbox) Close() error {
 	s.closeOnce.Do(func() {
-		if s.conn != nil {
-			s.conn.Close()
-		}
-		if s.machine != nil {
-			s.machine.Kill()
-			s.machine.Wait()
-		}
+		s.Stop()
 		if s.dir != "" {
 			s.closeErr = os.RemoveAll(s.dir)
 		}
@@ -288,8 +332,17 @@ func (s *Sandbox) Close() error {
 	return s.closeErr
 }
 
-// Done is closed when the VM has exited.
-func (s *Sandbox) Done() <-chan struct{} { return machineDone(s.machine) }
+// SandboxDir is where a sandbox with this id keeps its files.
+func SandboxDir(id string) string { return filepath.Join(paths.StateDir(), "sandboxes", id) }
+
+// Done is closed when the VM has exited (for a remote sandbox: when the
+// connection to its supervisor ended).
+func (s *Sandbox) Done() <-chan struct{} {
+	if s.machine == nil {
+		return s.conn.Done()
+	}
+	return machineDone(s.machine)
+}
 
 // Ping measures one round trip over the control channel.
 func (s *Sandbox) Ping(ctx context.Context) (time.Duration, error) { return s.conn.Ping(ctx) }
@@ -298,7 +351,12 @@ func (s *Sandbox) Ping(ctx context.Context) (time.Duration, error) { return s.co
 func (s *Sandbox) Dir() string { return s.dir }
 
 // QEMUPid returns the VMM's process id.
-func (s *Sandbox) QEMUPid() int { return s.machine.Pid() }
+func (s *Sandbox) QEMUPid() int {
+	if s.machine == nil {
+		return 0
+	}
+	return s.machine.Pid()
+}
 
 func validate(o *Options) error {
 	if o.CPUs < 1 || o.CPUs > 64 {

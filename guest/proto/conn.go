@@ -125,6 +125,9 @@ type Conn struct {
 	cfg Config // normalised; immutable
 	// cfgErr is reported by Handshake.
 	cfgErr error
+	// testHook, if set (by tests, before Handshake), is called with mu
+	// held after each frame is handled.
+	testHook func(*Conn)
 
 	// Owned by the goroutine that reads (Handshake, then readLoop).
 	br   *bufio.Reader
@@ -427,6 +430,10 @@ func (c *Conn) Open(ctx context.Context, header []byte) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	// IDs are allocated under wmu so that Open frames go out in ID order
+	// (the peer requires increasing IDs).
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
 	c.mu.Lock()
 	if err := c.readyLocked(); err != nil {
 		c.mu.Unlock()
@@ -448,7 +455,10 @@ func (c *Conn) Open(ctx context.Context, header []byte) (*Stream, error) {
 	c.streams[id] = s
 	c.mu.Unlock()
 
-	if err := c.writeFrame(nil, FrameOpen, id, -1, s.header); err != nil {
+	buf := appendHeader(c.wbuf[:0], FrameOpen, id, len(s.header))
+	buf = append(buf, s.header...)
+	if _, err := c.rw.Write(buf); err != nil {
+		err = c.writeFailed(err)
 		c.mu.Lock()
 		c.freeLocked(s)
 		c.mu.Unlock()
@@ -457,7 +467,10 @@ func (c *Conn) Open(ctx context.Context, header []byte) (*Stream, error) {
 	return s, nil
 }
 
-// Accept returns the next stream opened by the peer.
+// Accept returns the next stream opened by the peer. Streams the peer
+// reset before they were accepted are skipped. After the connection ended,
+// streams already queued are still returned (their received data can be
+// read), then an error matching ErrClosed.
 func (c *Conn) Accept(ctx context.Context) (*Stream, error) {
 	c.mu.Lock()
 	for {
@@ -487,7 +500,9 @@ func (c *Conn) Accept(ctx context.Context) (*Stream, error) {
 
 // Ping sends a Ping and waits for the Pong. Besides the round-trip time, a
 // returned Ping proves that the peer's read loop has processed every frame
-// we sent before it.
+// we sent before it, including the Close and Reset frames of earlier
+// Stream.Close and Stream.Reset calls (the Ping is queued behind them): call
+// Ping before Close to drain.
 func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 	c.mu.Lock()
 	if err := c.readyLocked(); err != nil {
@@ -497,6 +512,17 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 	seq := c.pingSeq
 	c.pingSeq++
 	pong := make(chan struct{})
+	p := binary.BigEndian.AppendUint64(make([]byte, 0, 8), seq)
+	start := time.Now()
+	if err := c.enqueueLocked(ctlFrame{typ: FramePing, payload: p}); err != nil {
+		fatal := c.failLocked(err)
+		conErr := c.connErrLocked()
+		c.mu.Unlock()
+		if fatal {
+			c.closeRW()
+		}
+		return 0, conErr
+	}
 	c.pings[seq] = pong
 	c.mu.Unlock()
 	defer func() {
@@ -505,12 +531,6 @@ func (c *Conn) Ping(ctx context.Context) (time.Duration, error) {
 		c.mu.Unlock()
 	}()
 
-	var p [8]byte
-	binary.BigEndian.PutUint64(p[:], seq)
-	start := time.Now()
-	if err := c.writeFrame(nil, FramePing, 0, -1, p[:]); err != nil {
-		return 0, err
-	}
 	select {
 	case <-pong:
 		return time.Since(start), nil
@@ -680,6 +700,14 @@ func (c *Conn) handle(h Header, p []byte) error {
 	if c.err != nil {
 		return c.err
 	}
+	err := c.handleLocked(h, p)
+	if c.testHook != nil {
+		c.testHook(c)
+	}
+	return err
+}
+
+func (c *Conn) handleLocked(h Header, p []byte) error {
 	t, id := h.Type(), h.Stream()
 	switch t {
 	case FrameHello:

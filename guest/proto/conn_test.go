@@ -169,7 +169,13 @@ func guestSide(ctx context.Context, st *Stream, size int) error {
 			return err
 		}
 	}
-	return st.Close()
+	st.Close()
+	select {
+	case <-st.Done():
+		return nil
+	case <-ctx.Done():
+		return errors.New("guest stream not done after both Close")
+	}
 }
 
 // TestFlowControlIsolation: a stream whose reader does not read blocks its
@@ -946,4 +952,91 @@ func helloFrame(h Hello) []byte {
 	p, _ := json.Marshal(h)
 	WriteFrame(&buf, NewHeader(FrameHello, 0, 0, uint32(len(p))), p)
 	return buf.Bytes()
+}
+
+// TestPeerNotReading: a peer that floods us while never reading ends with a
+// protocol error; the frames we owe it do not pile up without bound.
+func TestPeerNotReading(t *testing.T) {
+	a, b := net.Pipe()
+	defer b.Close()
+	c := NewConn(a, Config{Initiator: true, MaxStreams: 1})
+	defer c.Close()
+	errs := make(chan error, 1)
+	go func() { _, err := c.Handshake(testCtx(t)); errs <- err }()
+	p, _ := json.Marshal(guestHello())
+	WriteFrame(b, NewHeader(FrameHello, 0, 0, uint32(len(p))), p)
+	if _, _, err := ReadFrame(b, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := recvErr(t, errs, "handshake"); err != nil {
+		t.Fatal(err)
+	}
+	// The first Pong blocks in the transport; the rest queue up to the bound.
+	for i := 0; ; i++ {
+		if err := WriteFrame(b, NewHeader(FramePing, 0, 0, 0), nil); err != nil {
+			break
+		}
+		if i > 2*c.ctlCap {
+			t.Fatalf("%d pings queued", i)
+		}
+	}
+	expectProtocolError(t, c, "not reading")
+}
+
+// TestPingDrains: a Pong proves the peer processed our earlier frames,
+// including the queued Close.
+func TestPingDrains(t *testing.T) {
+	forEachTransport(t, func(t *testing.T, tr transport) {
+		host, guest := connPair(t, tr, Config{}, Config{})
+		for range 20 {
+			h, g := openAccept(t, host, guest, "d")
+			h.Write(Stdout, []byte("x"))
+			h.Close()
+			if _, err := host.Ping(testCtx(t)); err != nil {
+				t.Fatal(err)
+			}
+			guest.mu.Lock()
+			closed := g.remoteClosed
+			guest.mu.Unlock()
+			if !closed {
+				t.Fatal("Pong overtook the Close")
+			}
+			g.Close()
+		}
+	})
+}
+
+// failingWriter makes writes fail on demand.
+type failingWriter struct {
+	net.Conn
+	mu   sync.Mutex
+	fail bool
+}
+
+func (f *failingWriter) Write(p []byte) (int, error) {
+	f.mu.Lock()
+	fail := f.fail
+	f.mu.Unlock()
+	if fail {
+		return 0, errors.New("disk on fire")
+	}
+	return f.Conn.Write(p)
+}
+
+func TestWriteError(t *testing.T) {
+	a, b := net.Pipe()
+	fw := &failingWriter{Conn: a}
+	host, guest := connPair(t, transport{"failing", func(testing.TB) (net.Conn, net.Conn) { return fw, b }}, Config{}, Config{})
+	h, _ := openAccept(t, host, guest, "w")
+	fw.mu.Lock()
+	fw.fail = true
+	fw.mu.Unlock()
+	if _, err := h.Write(Stdin, []byte("x")); !errors.Is(err, ErrClosed) {
+		t.Fatal(err)
+	}
+	waitClosed(t, host.Done(), "conn end")
+	if err := host.Err(); !errors.Is(err, ErrClosed) || !strings.Contains(err.Error(), "disk on fire") {
+		t.Fatal(err)
+	}
+	waitClosed(t, guest.Done(), "peer sees the hang-up")
 }

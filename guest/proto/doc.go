@@ -85,7 +85,8 @@
 //	     + MaxPayload  Open header
 //	     + ~1 KiB  stream state)
 //	+ 3 × MaxPayload  read, bufio and write buffers
-//	+ (8N+256) × (≤ 64 B + small) queued control frames
+//	+ (8N+256) × ~100 B  queued control frames (Pong ≤ 64 B payload;
+//	                     only our own Reset calls queue up to 1 KiB each)
 //	+ (2N+64) × ~100 B  tombstones
 //
 // about 1.3 GiB for the defaults (W = 256 KiB, N = 1024), or about 83 MiB

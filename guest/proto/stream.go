@@ -38,8 +38,9 @@ func (ch Channel) valid() error {
 // on Reset from either side or when the connection ends. A stream whose
 // peer closed it stays open locally until Close or Reset is called.
 //
-// Locking: the fields below mu-comment are guarded by c.mu. wlock[ch] is
-// held for the whole of a Write on ch; it is never taken with c.mu held.
+// Locking: the fields after "Guarded by c.mu" are guarded by the
+// connection's mu. wlock[ch] is held for the whole of a Write on ch
+// (including its waits for credit); it is never taken with c.mu held.
 type Stream struct {
 	c      *Conn
 	id     uint32
