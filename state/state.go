@@ -277,8 +277,9 @@ func ProcessStart(pid int) uint64 {
 		return 0
 	}
 	f := strings.Fields(string(b[i+1:]))
-	// field 22 overall is starttime; after ')' the first field is #3.
-	if len(f) < 20 {
+	// field 22 overall is starttime; after ')' the first field is #3,
+	// the state. A zombie has exited: it only waits for its reaper.
+	if len(f) < 20 || f[0] == "Z" || f[0] == "X" {
 		return 0
 	}
 	v, _ := strconv.ParseUint(f[19], 10, 64)

@@ -91,7 +91,7 @@ func (s *Server) Serve(l net.Listener) error {
 func (s *Server) serveConn(c net.Conn) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	conn := proto.NewConn(c, proto.Config{Initiator: false, Role: "supervisor"})
+	conn := proto.NewConn(c, proto.Config{Initiator: false}) // plays the guest side)
 	defer conn.Close()
 	if _, err := conn.Handshake(ctx); err != nil {
 		return

@@ -111,6 +111,12 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 	if f.image == "" {
 		return failure(errors.New("run: --image is required (for example --image busybox)"))
 	}
+	if f.cpus < 1 {
+		return failure(fmt.Errorf("run: --cpus %d: want at least 1", f.cpus))
+	}
+	if f.memory < 1 || f.diskSize < 1 {
+		return failure(fmt.Errorf("run: --memory %d / --disk-size %d: want positive sizes in MiB", f.memory, f.diskSize))
+	}
 	if f.timeout < 0 {
 		return failure(fmt.Errorf("run: --timeout %d: want a positive number of seconds", f.timeout))
 	}

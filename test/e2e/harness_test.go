@@ -5,6 +5,7 @@ package e2e
 
 import (
 	"bytes"
+	"flag"
 	"context"
 	"fmt"
 	"io"
@@ -27,6 +28,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	flag.Parse()
 	if testing.Short() {
 		os.Exit(0) // the VM tier needs `make kernel`; -short is the unit tier
 	}
@@ -149,15 +151,28 @@ func mustRun(t *testing.T, args ...string) result {
 	return r
 }
 
-func sandboxesLeft(t *testing.T) []string {
+// sandboxDirs lists the sandbox directories in the state dir.
+func sandboxDirs(t *testing.T) map[string]bool {
 	t.Helper()
 	ents, err := os.ReadDir(filepath.Join(stateDir, "sandboxes"))
 	if err != nil && !os.IsNotExist(err) {
 		t.Fatal(err)
 	}
-	var names []string
+	names := map[string]bool{}
 	for _, e := range ents {
-		names = append(names, e.Name())
+		names[e.Name()] = true
 	}
 	return names
+}
+
+// newSandboxDirs returns the sandbox directories not in before.
+func newSandboxDirs(t *testing.T, before map[string]bool) []string {
+	t.Helper()
+	var out []string
+	for n := range sandboxDirs(t) {
+		if !before[n] {
+			out = append(out, n)
+		}
+	}
+	return out
 }

@@ -59,16 +59,34 @@ func waitExit(t *testing.T, pid int, timeout time.Duration) {
 }
 
 func TestNoLeftoversAfterRm(t *testing.T) {
+	before := sandboxDirs(t)
+	qemuBefore := qemuPidsUsing(stateDir)
 	mustRun(t, "run", "--image", "busybox", "sh", "-c", "echo x > /written")
-	if left := sandboxesLeft(t); len(left) != 0 {
+	if left := newSandboxDirs(t, before); len(left) != 0 {
 		t.Fatalf("sandbox dirs left: %v", left)
 	}
-	if pids := qemuPidsUsing(stateDir); len(pids) != 0 {
+	if pids := newPids(qemuBefore, qemuPidsUsing(stateDir)); len(pids) != 0 {
 		t.Fatalf("QEMU processes left: %v", pids)
 	}
 }
 
+func newPids(before, after []int) []int {
+	old := map[int]bool{}
+	for _, p := range before {
+		old[p] = true
+	}
+	var out []int
+	for _, p := range after {
+		if !old[p] {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 func TestNoOrphanQEMUAfterSIGKILL(t *testing.T) {
+	qemuBefore := qemuPidsUsing(stateDir)
+	before := sandboxDirs(t)
 	cmd := exec.Command(bin, "run", "--image", "busybox", "sh", "-c", "echo ready; sleep 1000")
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -83,7 +101,7 @@ func TestNoOrphanQEMUAfterSIGKILL(t *testing.T) {
 	if err != nil || line != "ready\n" {
 		t.Fatalf("waiting for ready: %q %v", line, err)
 	}
-	pids := qemuPidsUsing(stateDir)
+	pids := newPids(qemuBefore, qemuPidsUsing(stateDir))
 	if len(pids) != 1 {
 		t.Fatalf("want one QEMU, found %v", pids)
 	}
@@ -92,7 +110,9 @@ func TestNoOrphanQEMUAfterSIGKILL(t *testing.T) {
 	waitExit(t, pids[0], 10*time.Second)
 	// The sandbox dir stays (nothing ran to delete it): the lifecycle
 	// commands reclaim it; here only the process matters.
-	os.RemoveAll(filepath.Join(stateDir, "sandboxes"))
+	for _, d := range newSandboxDirs(t, before) {
+		os.RemoveAll(filepath.Join(stateDir, "sandboxes", d))
+	}
 }
 
 // imageDiskHashes hashes every converted root disk in the image cache.

@@ -114,11 +114,12 @@ func TestEnvFromHost(t *testing.T) {
 }
 
 func TestTimeout(t *testing.T) {
+	before := sandboxDirs(t)
 	r := ml(t, nil, "run", "--timeout", "2", "--image", "busybox", "sleep", "100")
 	if r.code != 124 || !strings.Contains(r.stderr, "timed out") {
 		t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
 	}
-	if left := sandboxesLeft(t); len(left) != 0 {
+	if left := newSandboxDirs(t, before); len(left) != 0 {
 		t.Fatalf("sandboxes left after timeout: %v", left)
 	}
 }
