@@ -6,6 +6,9 @@
 # Config:  kernel/matchlock.config, merged over allnoconfig
 # Output:  ${XDG_CACHE_HOME:-$HOME/.cache}/matchlock/kernel/<hash>/vmlinux
 #          <hash> = first 16 hex digits of sha256(fragment + source package version + BUILD_REV)
+#          ($MATCHLOCK_CACHE replaces ${XDG_CACHE_HOME:-$HOME/.cache}/matchlock if set, as in
+#          internal/paths.) .../kernel/vmlinux is a symlink to the kernel of the last
+#          successful run, which is where kernel.DefaultPath looks.
 #
 # Usage:   kernel/build.sh               build if needed; print the vmlinux path on stdout
 #          kernel/build.sh --print-path  print the expected path; exit 1 if it is not built
@@ -39,7 +42,7 @@ pkg_version=$(dpkg-query -W -f='${Version}' "$SRC_PKG" 2>/dev/null) ||
 [[ -n $pkg_version ]] || die "package $SRC_PKG has no version (not installed?)"
 
 hash=$({ cat "$fragment"; printf '%s\n%s\n' "$pkg_version" "$BUILD_REV"; } | sha256sum | cut -c1-16)
-cache_root="${XDG_CACHE_HOME:-$HOME/.cache}/matchlock/kernel"
+cache_root="${MATCHLOCK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/matchlock}/kernel"
 out_dir="$cache_root/$hash"
 out="$out_dir/vmlinux"
 
@@ -52,7 +55,14 @@ case "${1:-}" in
 *) die "unknown argument: $1 (usage: $0 [--print-path])" ;;
 esac
 
+# Point .../kernel/vmlinux at this kernel (atomically: a new symlink renamed over the old).
+link_latest() {
+	ln -sfn "$hash/vmlinux" "$cache_root/.vmlinux.tmp.$$"
+	mv -Tf "$cache_root/.vmlinux.tmp.$$" "$cache_root/vmlinux"
+}
+
 if [[ -f $out ]]; then
+	link_latest
 	echo "$out"
 	exit 0
 fi
@@ -69,6 +79,7 @@ mkdir -p "$cache_root"
 exec 9>"$cache_root/.build-$hash.lock"
 flock 9
 if [[ -f $out ]]; then
+	link_latest
 	echo "$out"
 	exit 0
 fi
@@ -146,6 +157,7 @@ cp .config "$out_dir/.config.tmp.$$"
 mv -f "$out_dir/.config.tmp.$$" "$out_dir/config"
 cp vmlinux.stripped "$out_dir/.vmlinux.tmp.$$"
 mv -f "$out_dir/.vmlinux.tmp.$$" "$out"
+link_latest
 
 log "built vmlinux ($(stat -c %s "$out") bytes) in $(($(date +%s) - start)) s"
 echo "$out"
