@@ -143,6 +143,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	if err := validate(&opts); err != nil {
 		return nil, err
 	}
+	tr := newTracer()
 	kernelPath, err := kernel.Find(opts.Kernel)
 	if err != nil {
 		return nil, err
@@ -159,6 +160,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	if err != nil {
 		return nil, err
 	}
+	tr.mark("image")
 
 	backend := &qemu.Backend{}
 	accel := opts.Accel
@@ -189,6 +191,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	if err := makeLayer(ctx, upper, opts.DiskSizeMiB); err != nil {
 		return nil, err
 	}
+	tr.mark("layer")
 	hostname := opts.Hostname
 	if hostname == "" {
 		hostname = s.ID
@@ -211,6 +214,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		return nil, err
 	}
 	s.machine = m
+	tr.mark("vmm started")
 
 	bootCtx, cancel := context.WithTimeout(ctx, opts.BootTimeout)
 	defer cancel()
@@ -226,6 +230,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	if _, err := s.conn.Handshake(bootCtx); err != nil {
 		return nil, s.bootError(ctx, bootCtx, err, tail)
 	}
+	tr.mark("agent hello")
 	entropy := make([]byte, 64)
 	rand.Read(entropy)
 	res, err := s.call(bootCtx, proto.OpenHeader{Kind: proto.KindSetup, Setup: &proto.SetupRequest{
@@ -237,6 +242,10 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	}
 	if res.Setup != nil && res.Setup.Error != "" {
 		return nil, fmt.Errorf("guest setup: %s", res.Setup.Error)
+	}
+	tr.mark("setup")
+	if tr.on && res.Setup != nil {
+		fmt.Fprintf(os.Stderr, "trace: guest %v\n", res.Setup.Timings)
 	}
 	return s, nil
 }
@@ -472,3 +481,24 @@ func lastLines(s string, n int) string {
 }
 
 var _ = strconv.Itoa
+
+// tracer prints phase timings to stderr when MATCHLOCK_TRACE is set.
+type tracer struct {
+	on   bool
+	t0   time.Time
+	last time.Time
+}
+
+func newTracer() *tracer {
+	now := time.Now()
+	return &tracer{on: os.Getenv("MATCHLOCK_TRACE") != "", t0: now, last: now}
+}
+
+func (t *tracer) mark(phase string) {
+	if !t.on {
+		return
+	}
+	now := time.Now()
+	fmt.Fprintf(os.Stderr, "trace: %-12s +%5.1f ms  (%6.1f ms)\n", phase, float64(now.Sub(t.last))/1e6, float64(now.Sub(t.t0))/1e6)
+	t.last = now
+}

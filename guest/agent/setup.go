@@ -27,13 +27,16 @@ func (s *server) setup(st *proto.Stream, req *proto.SetupRequest) {
 	} else {
 		setupDone = true
 	}
+	res.Timings = map[string]int64{"setup_us": setupTook.Microseconds(), "root_us": rootTook.Microseconds(), "uptime_us": uptime().Microseconds()}
 	st.SendMsg(proto.Encode(proto.StreamMsg{Type: proto.MsgResult, Setup: &res}))
 }
 
 // applySetup configures the machine. first is false on a restored guest that
 // is already assembled: then only identity (clock, entropy, hostname,
 // network) is reset.
-func applySetup(req *proto.SetupRequest, first bool) error {
+func applySetup(req *proto.SetupRequest, first bool) (err error) {
+	t0 := time.Now()
+	defer func() { setupTook = time.Since(t0) }()
 	if req.UnixNano > 0 {
 		tv := unix.NsecToTimeval(req.UnixNano)
 		if err := unix.Settimeofday(&tv); err != nil {
@@ -46,9 +49,11 @@ func applySetup(req *proto.SetupRequest, first bool) error {
 		}
 	}
 	if first {
+		t := time.Now()
 		if err := assembleRoot(req); err != nil {
 			return err
 		}
+		rootTook = time.Since(t)
 	}
 	if req.Hostname != "" {
 		if err := unix.Sethostname([]byte(req.Hostname)); err != nil {
@@ -221,4 +226,11 @@ func replaceFile(path string, data []byte, mode os.FileMode) error {
 	return os.Rename(tmp, path)
 }
 
-var _ = time.Now
+// Timings of the last setup, reported to the host for tracing.
+var setupTook, rootTook time.Duration
+
+func uptime() time.Duration {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	return time.Duration(ts.Nano())
+}

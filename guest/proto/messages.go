@@ -69,6 +69,8 @@ type SetupFile struct {
 // SetupResult is the guest's answer to setup.
 type SetupResult struct {
 	Error string `json:"error,omitempty"`
+	// Timings are guest-side phase durations in µs, for tracing.
+	Timings map[string]int64 `json:"timings,omitempty"`
 }
 
 // ExecRequest starts a process in the guest.
