@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"sync/atomic"
 )
 
 // Errors a conversion can fail with; wrapped with detail.
@@ -72,29 +74,74 @@ func Flatten(ctx context.Context, layers []Opener, w io.Writer, lim Limits) (Sta
 
 // scan is the first pass: it reads every header of every layer and builds
 // the merged tree, remembering where each surviving file's content is.
+// Layers are read (decompressed, hashed) in parallel, one per CPU, and
+// applied in order.
 func scan(ctx context.Context, layers []Opener, lim Limits) (*tree, error) {
 	t := newTree(lim)
-	budget := &byteBudget{left: lim.MaxBytes, max: lim.MaxBytes}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sh := &shared{max: lim.MaxBytes, maxEntries: int64(lim.MaxEntries)}
+	sh.left.Store(lim.MaxBytes)
+	results := make([]chan headersOrErr, len(layers))
+	sem := make(chan struct{}, max(1, runtime.GOMAXPROCS(0)))
 	for i, open := range layers {
-		if err := scanLayer(ctx, t, i, open, budget); err != nil {
-			return nil, fmt.Errorf("layer %d: %w", i+1, err)
-		}
+		results[i] = make(chan headersOrErr, 1)
+		go func() {
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				results[i] <- headersOrErr{err: ctx.Err()}
+				return
+			}
+			defer func() { <-sem }()
+			hdrs, err := readHeaders(ctx, open, sh)
+			results[i] <- headersOrErr{hdrs, err}
+		}()
 	}
+	for i := range layers {
+		r := <-results[i]
+		if r.err != nil {
+			return nil, fmt.Errorf("layer %d: %w", i+1, r.err)
+		}
+		for ordinal, hdr := range r.hdrs {
+			if err := t.apply(hdr, i, ordinal); err != nil {
+				return nil, fmt.Errorf("layer %d: %w", i+1, err)
+			}
+		}
+		t.entries += len(r.hdrs)
+	}
+	t.stats.Entries = t.entries
 	return t, nil
 }
 
-func scanLayer(ctx context.Context, t *tree, layer int, open Opener, budget *byteBudget) error {
+type headersOrErr struct {
+	hdrs []*tar.Header
+	err  error
+}
+
+// shared is what all layers of a scan draw on: uncompressed bytes and
+// entries left.
+type shared struct {
+	left       atomic.Int64
+	entries    atomic.Int64
+	max        int64
+	maxEntries int64
+}
+
+// readHeaders reads every header of one layer, and the layer to its end.
+func readHeaders(ctx context.Context, open Opener, sh *shared) ([]*tar.Header, error) {
 	rc, err := open()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer rc.Close()
-	r := &budgetReader{r: rc, b: budget}
+	r := &budgetReader{r: rc, b: sh}
 	tr := tar.NewReader(r)
-	for ordinal := 0; ; ordinal++ {
-		if ordinal%256 == 0 {
+	var hdrs []*tar.Header
+	for {
+		if len(hdrs)%256 == 0 {
 			if err := ctx.Err(); err != nil {
-				return err
+				return nil, err
 			}
 		}
 		hdr, err := tr.Next()
@@ -102,23 +149,22 @@ func scanLayer(ctx context.Context, t *tree, layer int, open Opener, budget *byt
 			break
 		}
 		if err != nil {
-			return readErr(err)
+			return nil, readErr(err)
 		}
-		t.entries++
-		if t.entries > t.lim.MaxEntries {
-			return fmt.Errorf("%w: more than %d entries", ErrTooManyEntries, t.lim.MaxEntries)
+		if hdr.Size > sh.max { // checked before the reader tries to skip it
+			return nil, fmt.Errorf("%w: %q claims %d bytes, more than %d", ErrTooLarge, hdr.Name, hdr.Size, sh.max)
 		}
-		if err := t.apply(hdr, layer, ordinal); err != nil {
-			return err
+		if sh.entries.Add(1) > sh.maxEntries {
+			return nil, fmt.Errorf("%w: more than %d entries", ErrTooManyEntries, sh.maxEntries)
 		}
+		hdrs = append(hdrs, hdr)
 	}
 	// Read to the end so that a verifying stream checks its digest, and so
 	// that trailing bytes count against the budget.
 	if _, err := io.Copy(io.Discard, r); err != nil {
-		return readErr(err)
+		return nil, readErr(err)
 	}
-	t.stats.Entries = t.entries
-	return nil
+	return hdrs, nil
 }
 
 // readErr marks tar decoding failures as ErrInvalid and leaves the stream's
@@ -232,30 +278,18 @@ func copyLayer(ctx context.Context, tw *tar.Writer, open Opener, want map[int]*i
 	return written, nil
 }
 
-// byteBudget is the uncompressed bytes left to read, shared by all layers.
-type byteBudget struct{ left, max int64 }
-
-// budgetReader fails once the shared budget is spent: a decompression bomb
-// stops at the limit instead of filling the disk or the CPU.
+// budgetReader fails once the shared byte budget is spent: a decompression
+// bomb stops at the limit (give or take one read) instead of filling the
+// disk or burning the CPU.
 type budgetReader struct {
 	r io.Reader
-	b *byteBudget
+	b *shared
 }
 
 func (r *budgetReader) Read(p []byte) (int, error) {
-	if r.b.left <= 0 {
-		// One byte more would exceed the budget; see whether there is one.
-		var one [1]byte
-		n, err := r.r.Read(one[:])
-		if n > 0 {
-			return 0, fmt.Errorf("%w: layers unpack to more than %d bytes", ErrTooLarge, r.b.max)
-		}
-		return 0, err
-	}
-	if int64(len(p)) > r.b.left {
-		p = p[:r.b.left]
-	}
 	n, err := r.r.Read(p)
-	r.b.left -= int64(n)
+	if r.b.left.Add(-int64(n)) < 0 {
+		return 0, fmt.Errorf("%w: layers unpack to more than %d bytes", ErrTooLarge, r.b.max)
+	}
 	return n, err
 }

@@ -115,11 +115,11 @@ func TestHostileArchives(t *testing.T) {
 		), want{files: map[string]string{"/tmp/" + canary: "through out", "/etc/motd": "m"}, gone: []string{"/file/x"}}},
 		{"hard links pointing out", Limits{}, openers(layerTar(t,
 			file("etc/hostname", "box"),
-			hardlink("h1", up+"etc/hostname"),   // cleaned into the image
-			hardlink("h2", "/etc/hostname"),     // absolute: the image's file
-			hardlink("h3", up+"etc/no-such"),    // nothing to link to: skipped
-			hardlink("h4", "etc"),               // a directory: skipped
-			hardlink("h5", "h5"),                // itself: skipped
+			hardlink("h1", up+"etc/hostname"), // cleaned into the image
+			hardlink("h2", "/etc/hostname"),   // absolute: the image's file
+			hardlink("h3", up+"etc/no-such"),  // nothing to link to: skipped
+			hardlink("h4", "etc"),             // a directory: skipped
+			hardlink("h5", "h5"),              // itself: skipped
 		)), want{files: map[string]string{"/h1": "box", "/h2": "box"}, gone: []string{"/h3", "/h4", "/h5"}}},
 		{"duplicate entries", Limits{}, openers(layerTar(t,
 			file("dup", "1"), file("dup", "2"), dir("dup2/"), file("dup2", "file"), file("./dup", "3"),

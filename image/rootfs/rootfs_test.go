@@ -95,10 +95,10 @@ func TestWhiteoutsAndOpaqueDirs(t *testing.T) {
 		file("srv/x", "x"),
 	)
 	upper := layerTar(t,
-		file(".wh.srv", ""),          // whiteout of a whole directory
-		file("etc/.wh.gone", ""),     // whiteout of a file
-		file("etc/.wh.missing", ""),  // whiteout of nothing
-		dir("var/cache/"),            // opaque marker after the dir entry
+		file(".wh.srv", ""),         // whiteout of a whole directory
+		file("etc/.wh.gone", ""),    // whiteout of a file
+		file("etc/.wh.missing", ""), // whiteout of nothing
+		dir("var/cache/"),           // opaque marker after the dir entry
 		file("var/cache/.wh..wh..opq", ""),
 		file("var/cache/new", "n"),
 		file("opt/app/lib/new.so", "n"), // same-layer content written before the marker
