@@ -28,6 +28,7 @@ import (
 	"matchlock.dev/matchlock/internal/initramfs"
 	"matchlock.dev/matchlock/internal/paths"
 	"matchlock.dev/matchlock/kernel"
+	"matchlock.dev/matchlock/netstack"
 	"matchlock.dev/matchlock/vmm"
 	"matchlock.dev/matchlock/vmm/qemu"
 )
@@ -75,9 +76,14 @@ type Options struct {
 	NoNetwork    bool     `json:"no_network,omitempty"`
 	AllowHosts   []string `json:"allow_hosts,omitempty"`
 	AllowPrivate []string `json:"allow_private,omitempty"`
+	// AddHosts are NAME:IP overrides of the host-side resolver.
+	AddHosts []string `json:"add_hosts,omitempty"`
 	// Secrets are injected in flight on HTTPS requests to their hosts; the
 	// guest sees only a placeholder in $NAME.
 	Secrets []Secret `json:"secrets,omitempty"`
+
+	// NetLog receives every network decision and finished connection.
+	NetLog func(netstack.Event) `json:"-"`
 
 	// ConsoleLog receives the guest's serial console (kernel messages).
 	ConsoleLog io.Writer `json:"-"`
@@ -104,6 +110,9 @@ type Sandbox struct {
 	dir     string
 	machine vmm.Machine
 	conn    *proto.Conn
+	net     *network // nil with NoNetwork
+
+	placeholders map[string]string // placeholder → secret name
 
 	closeOnce sync.Once
 	closeErr  error
@@ -114,6 +123,14 @@ type Sandbox struct {
 // guest/proto package doc for the formula). 64 concurrent requests per
 // sandbox is the resulting limit.
 var hostProtoConfig = proto.Config{Initiator: true, Role: "host", Window: 128 << 10, MaxStreams: 64}
+
+// placeholder returns a fresh secret placeholder: SANDBOX_SECRET_ and 32
+// hex digits, unguessable so that no other string collides with it.
+func placeholder() string {
+	var b [16]byte
+	rand.Read(b[:])
+	return "SANDBOX_SECRET_" + hex.EncodeToString(b[:])
+}
 
 // NewID returns a fresh sandbox id: "vm-" and 8 hex digits.
 func NewID() string {
@@ -177,6 +194,14 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		id = NewID()
 	}
 	s := &Sandbox{ID: id, Image: imgCfg, Accel: accel}
+	// The guest sees a placeholder for every secret; the real value stays
+	// in this process (the TLS interceptor swaps it in flight).
+	s.placeholders = map[string]string{}
+	for _, sec := range opts.Secrets {
+		ph := placeholder()
+		s.placeholders[ph] = sec.Name
+		s.Image.Env = MergeEnv(s.Image.Env, []string{sec.Name + "=" + ph})
+	}
 	s.dir = SandboxDir(s.ID)
 	if err := os.MkdirAll(s.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("sandbox dir: %w", err)
@@ -197,6 +222,17 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		hostname = s.ID
 	}
 
+	var vmNet *vmm.Net
+	var guestNet *proto.NetConfig
+	if !opts.NoNetwork {
+		s.net, err = startNetwork(opts, opts.NetLog)
+		if err != nil {
+			return nil, err
+		}
+		vmNet, guestNet = s.net.vmNet, s.net.guest
+	}
+	tr.mark("network")
+
 	console := opts.ConsoleLog
 	tail := &tailBuffer{max: 8 << 10}
 	if console == nil {
@@ -208,8 +244,11 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		Kernel: kernelPath, Initrd: initrd,
 		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
 		Disks:      []vmm.Disk{{Path: rootfs, ReadOnly: true}, {Path: upper}},
-		ConsoleLog: console, RunDir: s.dir, Accel: accel,
+		ConsoleLog: console, RunDir: s.dir, Accel: accel, Net: vmNet,
 	})
+	if s.net != nil {
+		s.net.closeVMEnd()
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -236,6 +275,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	res, err := s.call(bootCtx, proto.OpenHeader{Kind: proto.KindSetup, Setup: &proto.SetupRequest{
 		Hostname: hostname, UnixNano: time.Now().UnixNano(), Entropy: entropy,
 		RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
+		Net: guestNet,
 	}})
 	if err != nil {
 		return nil, s.bootError(ctx, bootCtx, err, tail)
@@ -328,6 +368,7 @@ func (s *Sandbox) Stop() {
 		s.machine.Kill()
 		s.machine.Wait()
 	}
+	s.net.close()
 }
 
 // Close stops the VM and removes everything the sandbox put on the host.

@@ -190,14 +190,12 @@ func relay(ctx context.Context, client *proto.Stream, guestConn *proto.Conn) {
 	go pump(client, guest, proto.Stderr, &out)
 	go msgs(client, guest, &out)
 	go msgs(guest, client, &in)
-	// A reset on either side ends the other.
+	// A client that goes away (its connection died, or it reset) takes
+	// the guest stream with it. The other way round is handled by msgs:
+	// a guest stream that ends abnormally resets the client's.
 	go func() {
-		select {
-		case <-client.Done():
-			guest.Reset("client gone")
-		case <-guest.Done():
-			client.Reset("guest stream ended")
-		}
+		<-client.Done()
+		guest.Reset("client gone")
 	}()
 	wg.Wait()
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"matchlock.dev/matchlock/netstack"
 	"matchlock.dev/matchlock/sandbox"
 	"matchlock.dev/matchlock/state"
 	"matchlock.dev/matchlock/supervisor"
@@ -43,6 +44,12 @@ type runFlags struct {
 	rm         bool
 	detach     bool
 	name       string
+	allowHost  []string
+	allowPriv  []string
+	addHosts   []string
+	noNetwork  bool
+	secrets    []string
+	logNetwork bool
 	kernel     string
 	accel      string
 	pull       string
@@ -90,6 +97,12 @@ command could not be run / was not found.`,
 	fl.BoolVar(&f.rm, "rm", true, "remove the sandbox when the command exits (--rm=false keeps it running)")
 	fl.BoolVarP(&f.detach, "detach", "d", false, "start the sandbox in the background and print its ID")
 	fl.StringVar(&f.name, "name", "", "name the sandbox (usable wherever an ID is)")
+	fl.StringArrayVar(&f.allowHost, "allow-host", nil, "allow egress to a host pattern (repeatable, comma lists): name, *.domain, name:port, *, IP, CIDR[:port]")
+	fl.StringArrayVar(&f.allowPriv, "allow-private", nil, "allow a private/loopback destination HOST[:PORT] (refused by default even when allowed)")
+	fl.BoolVar(&f.noNetwork, "no-network", false, "no network interface at all")
+	fl.StringArrayVar(&f.addHosts, "add-host", nil, "resolve NAME to IP on the host side (NAME:IP); the policy still applies")
+	fl.StringArrayVar(&f.secrets, "secret", nil, "NAME@host1,host2 (value from $NAME) or NAME=VALUE@hosts: the guest sees a placeholder")
+	fl.BoolVar(&f.logNetwork, "log-network", false, "print every connection and refusal on stderr")
 	fl.StringVar(&f.kernel, "kernel", "", "guest kernel (default: $MATCHLOCK_KERNEL, else the built one)")
 	fl.StringVar(&f.accel, "accel", "", "acceleration: kvm or tcg (default: detect)")
 	fl.StringVar(&f.pull, "pull", "missing", "pull policy: always, missing or never")
@@ -146,9 +159,25 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 		}
 		spec.Env = append([]string{"TERM=" + term}, spec.Env...)
 	}
+	secrets, err := parseSecrets(f.secrets)
+	if err != nil {
+		return failure(err)
+	}
 	opts := sandbox.Options{
 		Image: f.image, Kernel: f.kernel, Accel: f.accel,
 		CPUs: f.cpus, MemoryMiB: f.memory, DiskSizeMiB: f.diskSize, Hostname: f.hostname,
+		NoNetwork: f.noNetwork, AllowHosts: splitLists(f.allowHost), AllowPrivate: splitLists(f.allowPriv),
+		AddHosts: f.addHosts,
+		Secrets:  secrets,
+	}
+	if f.noNetwork && (len(opts.AllowHosts) > 0 || len(opts.Secrets) > 0) {
+		return failure(errors.New("run: --no-network cannot be combined with --allow-host or --secret"))
+	}
+	if err := sandbox.ValidateNetwork(opts); err != nil && !f.noNetwork {
+		return failure(err)
+	}
+	if f.logNetwork {
+		opts.NetLog = printNetEvent
 	}
 	if ctx == nil {
 		ctx = context.Background()
@@ -199,6 +228,84 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 		return failure(fmt.Errorf("run: %w", err))
 	}
 	return attach(ctx, sb, eo, sigs, timeoutC, f.timeout)
+}
+
+// splitLists flattens repeatable flags that also take comma lists.
+func splitLists(vals []string) []string {
+	var out []string
+	for _, v := range vals {
+		for _, p := range strings.Split(v, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+// parseSecrets reads --secret NAME@hosts (value from $NAME) and
+// NAME=VALUE@hosts. The value never appears in an error message.
+func parseSecrets(vals []string) ([]sandbox.Secret, error) {
+	var out []sandbox.Secret
+	seen := map[string]bool{}
+	for _, v := range vals {
+		at := strings.LastIndexByte(v, '@')
+		if at < 0 {
+			return nil, fmt.Errorf("--secret: want NAME@host[,host...] or NAME=VALUE@host[,host...]")
+		}
+		spec, hostList := v[:at], v[at+1:]
+		name, value, hasValue := strings.Cut(spec, "=")
+		if !validEnvName(name) {
+			return nil, fmt.Errorf("--secret: %q is not a valid environment variable name", name)
+		}
+		if !hasValue {
+			hv, ok := os.LookupEnv(name)
+			if !ok {
+				return nil, fmt.Errorf("--secret %s: $%s is not set on the host", name, name)
+			}
+			value = hv
+		}
+		if value == "" {
+			return nil, fmt.Errorf("--secret %s: the value is empty", name)
+		}
+		hosts := splitLists([]string{hostList})
+		if len(hosts) == 0 {
+			return nil, fmt.Errorf("--secret %s: name at least one host after '@'", name)
+		}
+		if seen[name] {
+			return nil, fmt.Errorf("--secret %s: given twice", name)
+		}
+		seen[name] = true
+		out = append(out, sandbox.Secret{Name: name, Value: value, Hosts: hosts})
+	}
+	return out, nil
+}
+
+func validEnvName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i, c := range s {
+		if !(c == '_' || c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || i > 0 && c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
+}
+
+func printNetEvent(e netstack.Event) {
+	dest := e.Name
+	if dest == "" {
+		dest = e.IP.String()
+	}
+	line := fmt.Sprintf("matchlock: net %s %s %s:%d", e.Verdict, e.Proto, dest, e.Port)
+	if e.Reason != "" {
+		line += " (" + e.Reason + ")"
+	}
+	if e.Closed {
+		line += fmt.Sprintf(" closed up=%dB down=%dB", e.BytesUp, e.BytesDown)
+	}
+	fmt.Fprintln(os.Stderr, line)
 }
 
 func bootFailure(err error) error {

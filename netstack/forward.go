@@ -1,0 +1,400 @@
+package netstack
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+
+	"matchlock.dev/matchlock/netstack/policy"
+)
+
+// decision is what the policy said about one TCP destination.
+type decision struct {
+	name   string     // connect to this name ("" for by-address)
+	ip     netip.Addr // or to this address
+	reason string     // why not, when denied
+}
+
+// decide applies the policy to a guest TCP destination (not the gateway or
+// the guest subnet, which handleTCP refuses first).
+func (st *Stack) decide(dst netip.Addr, port uint16) (decision, bool) {
+	if policy.SyntheticPrefix.Contains(dst) {
+		name, ok := st.alloc.Lookup(dst)
+		if !ok {
+			return decision{reason: "unknown synthetic address (resolve the name first)"}, false
+		}
+		if !st.pol.AllowName(name, port) {
+			return decision{name: name, reason: "name not allowed on this port"}, false
+		}
+		return decision{name: name}, true
+	}
+	if !st.pol.AllowIP(dst, port) {
+		return decision{ip: dst, reason: "address not allowed (connect by an allowed name)"}, false
+	}
+	if policy.IsPrivate(dst) && !st.pol.PrivateAllowed("", dst, port) {
+		return decision{ip: dst, reason: "private address (see --allow-private)"}, false
+	}
+	return decision{ip: dst}, true
+}
+
+// handleTCP runs, in its own goroutine, for each new guest SYN the forwarder
+// accepted (at most MaxInFlight at once).
+func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
+	id := r.ID()
+	src := toNetip(id.RemoteAddress)
+	dst := toNetip(id.LocalAddress)
+	port := id.LocalPort
+	ev := Event{Proto: "tcp", IP: dst, Port: port}
+	deny := func(reason string) {
+		r.Complete(true) // RST
+		st.connsDenied.Add(1)
+		ev.Verdict, ev.Reason = Deny, reason
+		st.log(ev)
+	}
+	switch {
+	case st.ctx.Err() != nil:
+		r.Complete(true)
+		return
+	case src != GuestIP:
+		deny("source is not the guest")
+		return
+	case port == 0:
+		deny("port 0")
+		return
+	case dst == GatewayIP && port == DNSPort:
+		st.serveDNSTCP(r)
+		return
+	case dst == GatewayIP:
+		deny("gateway port not served (only DNS on 53)")
+		return
+	case Subnet.Contains(dst):
+		deny("sandbox network address")
+		return
+	}
+
+	dec, ok := st.decide(dst, port)
+	ev.Name = dec.name
+	if !ok {
+		deny(dec.reason)
+		return
+	}
+	if !st.acquireConn() {
+		deny(fmt.Sprintf("too many connections (%d)", MaxConns))
+		return
+	}
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			st.releaseConn()
+		}
+	}
+	defer release()
+
+	// Dial before completing the guest's handshake: on failure the guest
+	// gets a reset, never an open connection to nowhere.
+	ctx, cancel := context.WithTimeout(st.ctx, st.cfg.DialTimeout)
+	up, upAddr, err := st.dialUpstream(ctx, dec, port)
+	cancel()
+	ev.Upstream = upAddr
+	if err != nil {
+		deny(err.Error())
+		return
+	}
+	var wq waiter.Queue
+	gep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		up.Close()
+		r.Complete(true)
+		st.connsDenied.Add(1)
+		ev.Verdict, ev.Reason = Deny, "guest handshake failed: "+terr.String()
+		st.log(ev)
+		return
+	}
+	r.Complete(false)
+	st.connsAllowed.Add(1)
+	ev.Verdict = Allow
+	st.log(ev)
+
+	guest := gonet.NewTCPConn(&wq, gep)
+	if st.goTracked(func() {
+		defer st.releaseConn()
+		st.serve(guest, gep, up, dec, port, ev)
+	}) {
+		released = true // the goroutine releases the slot
+		return
+	}
+	gep.Abort()
+	up.Close()
+}
+
+// goTracked runs f in a goroutine Close waits for, unless Close started.
+func (st *Stack) goTracked(f func()) bool {
+	st.trackMu.Lock()
+	defer st.trackMu.Unlock()
+	if st.closing {
+		return false
+	}
+	st.wg.Add(1)
+	go func() {
+		defer st.wg.Done()
+		f()
+	}()
+	return true
+}
+
+func (st *Stack) acquireConn() bool {
+	select {
+	case st.conns <- struct{}{}:
+		st.connsOpen.Add(1)
+		return true
+	default:
+		return false
+	}
+}
+
+func (st *Stack) releaseConn() {
+	<-st.conns
+	st.connsOpen.Add(-1)
+}
+
+// serveDNSTCP answers DNS over TCP on the gateway.
+func (st *Stack) serveDNSTCP(r *tcp.ForwarderRequest) {
+	if !st.acquireConn() {
+		r.Complete(true)
+		st.connsDenied.Add(1)
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		r.Complete(true)
+		st.releaseConn()
+		return
+	}
+	r.Complete(false)
+	c := gonet.NewTCPConn(&wq, ep)
+	if !st.goTracked(func() {
+		defer st.releaseConn()
+		st.responder.ServeConn(st.ctx, c)
+	}) {
+		ep.Abort()
+		st.releaseConn()
+	}
+}
+
+// dialUpstream dials the decided destination. For a name it resolves the
+// name on the host, drops private addresses the policy does not name, and
+// dials the rest (IPv4 first) by number.
+func (st *Stack) dialUpstream(ctx context.Context, dec decision, port uint16) (net.Conn, netip.AddrPort, error) {
+	if dec.name == "" {
+		ap := netip.AddrPortFrom(dec.ip, port)
+		c, err := st.dial(ctx, "tcp", ap.String())
+		if err != nil {
+			return nil, ap, fmt.Errorf("dial %s: %w", ap, err)
+		}
+		return c, ap, nil
+	}
+	addrs, err := st.resolver.LookupNetIP(ctx, "ip", dec.name)
+	if err != nil {
+		return nil, netip.AddrPort{}, fmt.Errorf("resolve %s: %w", dec.name, err)
+	}
+	var cands []netip.Addr
+	privateSkipped := false
+	for _, a := range addrs {
+		a = a.Unmap()
+		if !a.IsValid() || a.Zone() != "" {
+			continue
+		}
+		if policy.IsPrivate(a) && !st.pol.PrivateAllowed(dec.name, a, port) {
+			privateSkipped = true
+			continue
+		}
+		cands = append(cands, a)
+	}
+	if len(cands) == 0 {
+		if privateSkipped {
+			return nil, netip.AddrPort{}, fmt.Errorf("%s resolves only to private addresses (see --allow-private)", dec.name)
+		}
+		return nil, netip.AddrPort{}, fmt.Errorf("%s has no addresses", dec.name)
+	}
+	sort.SliceStable(cands, func(i, j int) bool { return cands[i].Is4() && !cands[j].Is4() })
+	var firstErr error
+	for _, a := range cands {
+		ap := netip.AddrPortFrom(a, port)
+		c, err := st.dial(ctx, "tcp", ap.String())
+		if err == nil {
+			return c, ap, nil
+		}
+		if firstErr == nil {
+			firstErr = fmt.Errorf("dial %s (%s): %w", dec.name, ap, err)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, netip.AddrPort{}, firstErr
+}
+
+// serve runs an established connection: interceptor, inspection, splice.
+func (st *Stack) serve(guest *gonet.TCPConn, gep tcpip.Endpoint, up net.Conn, dec decision, port uint16, ev Event) {
+	var upOnce sync.Once
+	var upTaken atomic.Bool
+	closeUp := func() { upOnce.Do(func() { up.Close() }) }
+	stop := context.AfterFunc(st.ctx, func() { gep.Abort(); closeUp() })
+	defer stop()
+
+	if dec.name != "" && st.cfg.Interceptor != nil {
+		f := &Flow{
+			Name:  dec.name,
+			Port:  port,
+			Guest: guest,
+			Dial: func(ctx context.Context) (net.Conn, error) {
+				if upTaken.CompareAndSwap(false, true) {
+					return up, nil
+				}
+				if !st.pol.AllowName(dec.name, port) {
+					return nil, errors.New("name no longer allowed")
+				}
+				ctx, cancel := context.WithTimeout(ctx, st.cfg.DialTimeout)
+				defer cancel()
+				c, _, err := st.dialUpstream(ctx, dec, port)
+				return c, err
+			},
+		}
+		if st.cfg.Interceptor(st.ctx, f) {
+			if !upTaken.Load() {
+				closeUp()
+			}
+			ev.Closed, ev.Reason = true, "intercepted"
+			st.log(ev)
+			return
+		}
+	}
+
+	var upBytes, downBytes atomic.Int64
+	done := make(chan struct{})
+	// upstream → guest starts at once: servers that speak first (SSH,
+	// SMTP) must not wait for the inspection.
+	go func() {
+		defer close(done)
+		n, err := copyBuf(guest, up)
+		downBytes.Add(n)
+		if err != nil {
+			gep.Abort()
+			return
+		}
+		guest.CloseWrite()
+	}()
+
+	var first []byte
+	var err error
+	if dec.name != "" {
+		first, err = inspectWithDeadline(guest, dec.name)
+	}
+	if err != nil {
+		resetUp(up)
+		gep.Abort()
+		closeUp()
+		<-done
+		ev.Verdict, ev.Reason, ev.Closed = Deny, err.Error(), true
+		st.connsDenied.Add(1)
+		st.log(ev)
+		guest.Close()
+		return
+	}
+	upErr := error(nil)
+	if len(first) > 0 {
+		var n int
+		n, upErr = up.Write(first)
+		upBytes.Add(int64(n))
+	}
+	if upErr == nil {
+		var n int64
+		n, upErr = copyBuf(up, guest)
+		upBytes.Add(n)
+	}
+	if upErr != nil {
+		resetUp(up)
+		closeUp()
+		gep.Abort()
+	} else if cw, ok := up.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	} else {
+		closeUp()
+	}
+	<-done
+	closeUp()
+	guest.Close()
+	ev.Closed = true
+	ev.BytesUp, ev.BytesDown = upBytes.Load(), downBytes.Load()
+	st.log(ev)
+}
+
+func inspectWithDeadline(guest *gonet.TCPConn, name string) ([]byte, error) {
+	// No deadline until the first byte (the server may speak first); then
+	// InspectTimeout for the rest of the hello or head.
+	r := &deadlineOnFirstByte{c: guest, d: InspectTimeout}
+	b, err := inspect(r, name)
+	guest.SetReadDeadline(time.Time{})
+	return b, err
+}
+
+type deadlineOnFirstByte struct {
+	c   *gonet.TCPConn
+	d   time.Duration
+	set bool
+}
+
+func (r *deadlineOnFirstByte) Read(p []byte) (int, error) {
+	n, err := r.c.Read(p)
+	if n > 0 && !r.set {
+		r.set = true
+		r.c.SetReadDeadline(time.Now().Add(r.d))
+	}
+	return n, err
+}
+
+func resetUp(c net.Conn) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+// copyBuf copies until EOF (nil error) or an error.
+func copyBuf(dst io.Writer, src io.Reader) (int64, error) {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		n, rerr := src.Read(buf)
+		if n > 0 {
+			w, werr := dst.Write(buf[:n])
+			total += int64(w)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return total, nil
+			}
+			return total, rerr
+		}
+	}
+}
