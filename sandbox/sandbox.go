@@ -114,6 +114,9 @@ type Sandbox struct {
 
 	placeholders map[string]string // placeholder → secret name
 
+	fwdMu    sync.Mutex // guards forwards
+	forwards []*Forward
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -368,6 +371,7 @@ func (s *Sandbox) Stop() {
 		s.machine.Kill()
 		s.machine.Wait()
 	}
+	s.closeForwards()
 	s.net.close()
 }
 

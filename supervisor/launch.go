@@ -34,6 +34,8 @@ type Config struct {
 	// goes to output.log (see `matchlock logs`).
 	Command *sandbox.ProcessSpec `json:"command,omitempty"`
 	Pull    string               `json:"pull"`
+	// Publish are ports to forward for the sandbox's lifetime.
+	Publish []sandbox.PortSpec `json:"publish,omitempty"`
 }
 
 // File names inside the sandbox directory.
@@ -189,6 +191,14 @@ func serve(cfg Config, report func(error)) error {
 		db.Finish(cfg.ID, state.StatusStopped, nil, err.Error())
 		report(err)
 		return err
+	}
+	for _, p := range cfg.Publish {
+		if _, err := sb.Publish(p); err != nil {
+			sb.Stop()
+			db.Finish(cfg.ID, state.StatusStopped, nil, err.Error())
+			report(err)
+			return err
+		}
 	}
 	sock := Socket(cfg.ID)
 	os.Remove(sock)

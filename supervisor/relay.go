@@ -126,6 +126,8 @@ func (s *Server) handle(ctx context.Context, st *proto.Stream) {
 		b, _ := json.Marshal(Info{ID: s.SB.ID, Pid: s.Pid, QEMUPid: s.SB.QEMUPid(), Accel: s.SB.Accel, Image: s.SB.Image})
 		st.SendMsg(b)
 		st.Close()
+	case KindAllowList, KindPortForward:
+		s.control(st)
 	case KindShutdown:
 		st.Close()
 		if s.Shutdown != nil {

@@ -47,6 +47,7 @@ type runFlags struct {
 	allowHost  []string
 	allowPriv  []string
 	addHosts   []string
+	publish    []string
 	noNetwork  bool
 	secrets    []string
 	logNetwork bool
@@ -99,6 +100,7 @@ command could not be run / was not found.`,
 	fl.StringVar(&f.name, "name", "", "name the sandbox (usable wherever an ID is)")
 	fl.StringArrayVar(&f.allowHost, "allow-host", nil, "allow egress to a host pattern (repeatable, comma lists): name, *.domain, name:port, *, IP, CIDR[:port]")
 	fl.StringArrayVar(&f.allowPriv, "allow-private", nil, "allow a private/loopback destination HOST[:PORT] (refused by default even when allowed)")
+	fl.StringArrayVarP(&f.publish, "publish", "p", nil, "forward [HOST_IP:]HOST_PORT:GUEST_PORT into the guest (host IP default 127.0.0.1)")
 	fl.BoolVar(&f.noNetwork, "no-network", false, "no network interface at all")
 	fl.StringArrayVar(&f.addHosts, "add-host", nil, "resolve NAME to IP on the host side (NAME:IP); the policy still applies")
 	fl.StringArrayVar(&f.secrets, "secret", nil, "NAME@host1,host2 (value from $NAME) or NAME=VALUE@hosts: the guest sees a placeholder")
@@ -179,6 +181,17 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 	if f.logNetwork {
 		opts.NetLog = printNetEvent
 	}
+	var ports []sandbox.PortSpec
+	for _, p := range f.publish {
+		ps, err := sandbox.ParsePortSpec(p)
+		if err != nil {
+			return failure(fmt.Errorf("-p: %w", err))
+		}
+		ports = append(ports, ps)
+	}
+	if len(ports) > 0 && f.noNetwork {
+		return failure(errors.New("run: -p needs a network: drop --no-network"))
+	}
 	if ctx == nil {
 		ctx = context.Background()
 	}
@@ -212,7 +225,7 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 	}
 
 	if !f.rm || f.detach {
-		return runLongLived(ctx, f, opts, spec, bootDone, sigs, timeoutC)
+		return runLongLived(ctx, f, opts, spec, ports, bootDone, sigs, timeoutC)
 	}
 
 	opts.Images = imageSource(f.pull)
@@ -223,6 +236,11 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 		return bootFailure(err)
 	}
 	defer sb.Close()
+	for _, p := range ports {
+		if _, err := sb.Publish(p); err != nil {
+			return failure(err)
+		}
+	}
 	eo, err := spec.Resolve(sb.Image)
 	if err != nil {
 		return failure(fmt.Errorf("run: %w", err))
@@ -317,7 +335,7 @@ func bootFailure(err error) error {
 
 // runLongLived starts the sandbox under its own supervisor process, so it
 // outlives this command (--rm=false, -d).
-func runLongLived(ctx context.Context, f *runFlags, opts sandbox.Options, spec sandbox.ProcessSpec, bootDone chan struct{}, sigs chan os.Signal, timeoutC <-chan time.Time) error {
+func runLongLived(ctx context.Context, f *runFlags, opts sandbox.Options, spec sandbox.ProcessSpec, ports []sandbox.PortSpec, bootDone chan struct{}, sigs chan os.Signal, timeoutC <-chan time.Time) error {
 	db, err := state.OpenDefault()
 	if err != nil {
 		close(bootDone)
@@ -338,7 +356,7 @@ func runLongLived(ctx context.Context, f *runFlags, opts sandbox.Options, spec s
 		close(bootDone)
 		return failure(err)
 	}
-	cfg := supervisor.Config{ID: id, Name: f.name, Options: opts, Pull: f.pull}
+	cfg := supervisor.Config{ID: id, Name: f.name, Options: opts, Pull: f.pull, Publish: ports}
 	if f.detach && len(spec.Args) > 0 || f.detach && spec.Entrypoint != nil {
 		cfg.Command = &spec
 	}
