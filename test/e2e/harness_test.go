@@ -176,3 +176,18 @@ func newSandboxDirs(t *testing.T, before map[string]bool) []string {
 	}
 	return out
 }
+
+var netprobePath string
+
+// netprobe builds the static guest test client once.
+func netprobe(t *testing.T) string {
+	t.Helper()
+	if netprobePath == "" {
+		p := filepath.Join(os.TempDir(), fmt.Sprintf("matchlock-netprobe-%d", os.Getpid()))
+		if out, err := goBuild(p, "./test/e2e/netprobe", true); err != nil {
+			t.Fatalf("build netprobe: %v\n%s", err, out)
+		}
+		netprobePath = p
+	}
+	return netprobePath
+}

@@ -3,6 +3,11 @@ package e2e
 import (
 	"bufio"
 	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"strings"
@@ -190,3 +195,91 @@ func TestSupervisorSIGKILLThenGC(t *testing.T) {
 
 var _ = bufio.NewReader
 var _ = exec.Command
+
+// freePort returns a TCP port free on 127.0.0.1 right now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func httpGet(url string) (string, error) {
+	c := &http.Client{Timeout: 10 * time.Second}
+	r, err := c.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer r.Body.Close()
+	b, err := io.ReadAll(r.Body)
+	return string(b), err
+}
+
+func TestPortForward(t *testing.T) {
+	port := freePort(t)
+	r := mustRun(t, "run", "-d", "-p", fmt.Sprintf("127.0.0.1:%d:8080", port), "--image", "busybox")
+	id := strings.TrimSpace(r.stdout)
+	defer ml(t, nil, "rm", "-f", id)
+	mustRun(t, "exec", id, "sh", "-c", "mkdir -p /www && echo hello-from-guest > /www/index.html && (httpd -p 8080 -h /www &)")
+	body, err := httpGet(fmt.Sprintf("http://127.0.0.1:%d/", port))
+	if err != nil || body != "hello-from-guest\n" {
+		t.Fatalf("published port: %q %v", body, err)
+	}
+	// port-forward on a running sandbox, with a port picked for us.
+	r = mustRun(t, "port-forward", id, "0:8080")
+	addr := strings.Fields(r.stdout)[0]
+	if body, err := httpGet("http://" + addr + "/"); err != nil || body != "hello-from-guest\n" {
+		t.Fatalf("port-forward %s: %q %v", addr, body, err)
+	}
+	// The port is taken now: a clear error.
+	r = ml(t, nil, "port-forward", id, fmt.Sprintf("%d:8080", port))
+	if r.code == 0 || !strings.Contains(r.stderr, "address already in use") {
+		t.Fatalf("port in use: %d %q", r.code, r.stderr)
+	}
+	r = ml(t, nil, "run", "-p", fmt.Sprintf("%d:80", port), "--image", "busybox", "true")
+	if r.code == 0 || !strings.Contains(r.stderr, "address already in use") {
+		t.Fatalf("run -p on a used port: %d %q", r.code, r.stderr)
+	}
+}
+
+// guestHTTPClient copies a static HTTP client into the sandbox (busybox's
+// wget needs glibc NSS at run time, which the image lacks).
+func guestHTTPClient(t *testing.T, id string) {
+	t.Helper()
+	f, err := os.Open(netprobe(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if r := ml(t, f, "exec", "-i", id, "sh", "-c", "cat > /bin/netprobe && chmod +x /bin/netprobe"); r.code != 0 {
+		t.Fatalf("copy netprobe: %s", r.stderr)
+	}
+}
+
+func TestAllowListLive(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "upstream-ok") }))
+	defer srv.Close()
+	port := srv.Listener.Addr().(*net.TCPAddr).Port
+	r := mustRun(t, "run", "-d", "--add-host", "api.test:127.0.0.1", "--allow-private", fmt.Sprintf("api.test:%d", port), "--image", "busybox")
+	id := strings.TrimSpace(r.stdout)
+	defer ml(t, nil, "rm", "-f", id)
+	guestHTTPClient(t, id)
+	url := fmt.Sprintf("http://api.test:%d/", port)
+	if r := ml(t, nil, "exec", id, "netprobe", "get", url); r.code == 0 {
+		t.Fatalf("reached a host that is not allowed: %q", r.stdout)
+	}
+	mustRun(t, "allow-list", "add", id, fmt.Sprintf("api.test:%d", port))
+	if r := mustRun(t, "exec", id, "netprobe", "get", url); !strings.Contains(r.stdout, "upstream-ok") {
+		t.Fatalf("after allow-list add: %q", r.stdout)
+	}
+	if r := mustRun(t, "allow-list", "ls", id); !strings.Contains(r.stdout, fmt.Sprintf("api.test:%d", port)) {
+		t.Fatalf("allow-list ls: %q", r.stdout)
+	}
+	mustRun(t, "allow-list", "rm", id, fmt.Sprintf("api.test:%d", port))
+	if r := ml(t, nil, "exec", id, "netprobe", "get", url); r.code == 0 {
+		t.Fatalf("still reachable after allow-list rm: %q", r.stdout)
+	}
+}
