@@ -58,10 +58,10 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	port := id.LocalPort
 	ev := Event{Proto: "tcp", IP: dst, Port: port}
 	deny := func(reason string) {
-		r.Complete(true) // RST
 		st.connsDenied.Add(1)
 		ev.Verdict, ev.Reason = Deny, reason
 		st.log(ev)
+		r.Complete(true) // RST
 	}
 	switch {
 	case st.ctx.Err() != nil:

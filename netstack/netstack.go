@@ -57,6 +57,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	gvlog "gvisor.dev/gvisor/pkg/log"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -102,8 +103,10 @@ const (
 	InspectTimeout = 10 * time.Second
 	// copyBufSize is the splice buffer per direction.
 	copyBufSize = 32 << 10
-	// dropLogPerSecond bounds the Events logged for dropped packets.
-	dropLogPerSecond = 20
+	// MaxDenyEventsPerSecond bounds the deny Events passed to Config.Log
+	// (the guest decides how many it causes); the rest are only counted
+	// (Stats.EventsSuppressed).
+	MaxDenyEventsPerSecond = 50
 )
 
 // Verdict is the outcome recorded in an Event.
@@ -201,7 +204,9 @@ type Stats struct {
 	DroppedFrag    uint64 // IPv4 fragments
 	DroppedSpoofed uint64 // wrong source MAC or IP
 	DroppedOther   uint64 // other EtherTypes, protocols, malformed
-	Link           link.Stats
+	// EventsSuppressed counts deny Events not logged (rate limit).
+	EventsSuppressed uint64
+	Link             link.Stats
 }
 
 // Stack is one sandbox's network.
@@ -233,12 +238,12 @@ type Stack struct {
 
 	closeOnce sync.Once
 
-	dropLog dropLimiter
+	denyLog dropLimiter
 
 	connsOpen                             atomic.Int64
 	connsAllowed, connsDenied, dnsQueries atomic.Uint64
 	dropV6, dropUDP, dropICMP, dropFrag   atomic.Uint64
-	dropSpoof, dropOther                  atomic.Uint64
+	dropSpoof, dropOther, suppressed      atomic.Uint64
 }
 
 const nicID tcpip.NICID = 1
@@ -250,8 +255,14 @@ func toNetip(a tcpip.Address) netip.Addr {
 	return ip.Unmap()
 }
 
-// New starts a Stack on cfg.Conn.
+// quietGVisor lowers gVisor's process-wide logger (Info lines to stderr by
+// default, some of which a guest can trigger) to warnings, once.
+var quietGVisor sync.Once
+
+// New starts a Stack on cfg.Conn. The first call lowers gVisor's global
+// logger to warnings (it writes Info lines, some guest-triggered, to stderr).
 func New(cfg Config) (*Stack, error) {
+	quietGVisor.Do(func() { gvlog.SetLevel(gvlog.Warning) })
 	if cfg.Conn == nil {
 		return nil, errors.New("netstack: Config.Conn is nil")
 	}
@@ -294,7 +305,7 @@ func New(cfg Config) (*Stack, error) {
 		conns:    make(chan struct{}, MaxConns),
 		done:     make(chan struct{}),
 	}
-	st.dropLog.perSecond = dropLogPerSecond
+	st.denyLog.perSecond = MaxDenyEventsPerSecond
 	if st.dial == nil {
 		d := &net.Dialer{Timeout: cfg.DialTimeout}
 		st.dial = d.DialContext
@@ -394,7 +405,11 @@ func (st *Stack) Close() error {
 		st.closing = true
 		st.trackMu.Unlock()
 		st.cancel()
+		// Stop the link and wait for its goroutines before the stack's
+		// Wait, which waits for them again while holding the stack lock a
+		// delivery in progress may need.
 		st.ep.Close()
+		st.ep.Wait()
 		if st.s != nil {
 			st.s.Close()
 		}
@@ -442,22 +457,27 @@ func (st *Stack) SyntheticName(ip netip.Addr) (string, bool) { return st.alloc.L
 // Stats returns a snapshot of the counters.
 func (st *Stack) Stats() Stats {
 	return Stats{
-		ConnsOpen:      st.connsOpen.Load(),
-		ConnsAllowed:   st.connsAllowed.Load(),
-		ConnsDenied:    st.connsDenied.Load(),
-		DNSQueries:     st.dnsQueries.Load(),
-		DroppedIPv6:    st.dropV6.Load(),
-		DroppedUDP:     st.dropUDP.Load(),
-		DroppedICMP:    st.dropICMP.Load(),
-		DroppedFrag:    st.dropFrag.Load(),
-		DroppedSpoofed: st.dropSpoof.Load(),
-		DroppedOther:   st.dropOther.Load(),
-		Link:           st.ep.Stats(),
+		ConnsOpen:        st.connsOpen.Load(),
+		ConnsAllowed:     st.connsAllowed.Load(),
+		ConnsDenied:      st.connsDenied.Load(),
+		DNSQueries:       st.dnsQueries.Load(),
+		DroppedIPv6:      st.dropV6.Load(),
+		DroppedUDP:       st.dropUDP.Load(),
+		DroppedICMP:      st.dropICMP.Load(),
+		DroppedFrag:      st.dropFrag.Load(),
+		DroppedSpoofed:   st.dropSpoof.Load(),
+		DroppedOther:     st.dropOther.Load(),
+		EventsSuppressed: st.suppressed.Load(),
+		Link:             st.ep.Stats(),
 	}
 }
 
 func (st *Stack) log(e Event) {
 	if st.cfg.Log == nil {
+		return
+	}
+	if e.Verdict == Deny && !st.denyLog.allow() {
+		st.suppressed.Add(1)
 		return
 	}
 	if e.Time.IsZero() {
@@ -533,16 +553,12 @@ func (st *Stack) filterFrame(f []byte) bool {
 				return true
 			}
 			st.dropUDP.Add(1)
-			if st.dropLog.allow() {
-				st.log(Event{Proto: "udp", IP: dst, Port: u.DestinationPort(), Verdict: Deny,
-					Reason: "UDP is only allowed to the gateway's DNS (10.213.0.1:53)"})
-			}
+			st.log(Event{Proto: "udp", IP: dst, Port: u.DestinationPort(), Verdict: Deny,
+				Reason: "UDP is only allowed to the gateway's DNS (10.213.0.1:53)"})
 			return false
 		case header.ICMPv4ProtocolNumber:
 			st.dropICMP.Add(1)
-			if st.dropLog.allow() {
-				st.log(Event{Proto: "icmp", IP: dst, Verdict: Deny, Reason: "ICMP is not forwarded"})
-			}
+			st.log(Event{Proto: "icmp", IP: dst, Verdict: Deny, Reason: "ICMP is not forwarded"})
 			return false
 		default:
 			st.dropOther.Add(1)
@@ -550,9 +566,7 @@ func (st *Stack) filterFrame(f []byte) bool {
 		}
 	case header.IPv6ProtocolNumber:
 		st.dropV6.Add(1)
-		if st.dropLog.allow() {
-			st.log(Event{Proto: "ipv6", Verdict: Deny, Reason: "IPv6 is not supported"})
-		}
+		st.log(Event{Proto: "ipv6", Verdict: Deny, Reason: "IPv6 is not supported"})
 		return false
 	default:
 		st.dropOther.Add(1)

@@ -1,7 +1,6 @@
 package netstack
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -52,8 +51,20 @@ func inspect(r io.Reader, name string) ([]byte, error) {
 		}
 	}
 	switch first := firstNonEOL(buf); {
-	case first == 0x16:
-		return inspectTLS(r, buf, name)
+	case first >= 0x14 && first <= 0x18 && buf[0] == first:
+		// Maybe a TLS record (change_cipher_spec, alert, handshake,
+		// application_data, heartbeat): type, then version 3.0-3.4.
+		var err error
+		if buf, err = readFull(r, buf, 3, MaxClientHello); err != nil {
+			if errors.Is(err, io.ErrUnexpectedEOF) {
+				return buf, nil
+			}
+			return buf, err
+		}
+		if buf[1] == 3 && buf[2] <= 4 {
+			// Only a ClientHello may come first.
+			return inspectTLS(r, buf, name)
+		}
 	case isAlpha(first):
 		return inspectHTTP(r, buf, name)
 	}
@@ -260,25 +271,34 @@ func inspectHTTP(r io.Reader, buf []byte, name string) ([]byte, error) {
 	for start < len(buf) && (buf[start] == '\r' || buf[start] == '\n') {
 		start++
 	}
-	// Decide from the request line whether this is HTTP/1 at all.
-	for bytes.IndexByte(buf[start:], '\n') < 0 {
+	// Decide from the request line whether this is HTTP/1 at all, as soon
+	// as the bytes so far cannot start one (so a binary protocol whose
+	// first byte happens to be a letter is not held up).
+	var nl int
+	for {
+		state, end := requestLinePrefix(buf[start:])
+		if state == lineNotHTTP {
+			return buf, nil // not HTTP/1 (another protocol, HTTP/2 prior knowledge)
+		}
+		if state == lineComplete {
+			nl = start + end
+			break
+		}
 		var err error
 		if buf, err = readMore(r, buf, MaxHTTPHead); err != nil {
 			if errors.Is(err, io.EOF) {
-				return buf, nil // a partial line then EOF: nothing to forward to a server
+				return buf, nil // a partial line then EOF: nothing a server would act on
 			}
 			if len(buf) >= MaxHTTPHead {
-				// An endless first line: not something we can vouch for.
 				return buf, errors.New("http: request line too long")
 			}
 			return buf, err
 		}
 	}
-	nl := start + bytes.IndexByte(buf[start:], '\n')
 	line := strings.TrimSuffix(string(buf[start:nl]), "\r")
 	method, target, ok := parseRequestLine(line)
 	if !ok {
-		return buf, nil // not HTTP/1 (another protocol, or HTTP/2 prior knowledge)
+		return buf, nil
 	}
 	// Read the rest of the head.
 	for headEnd(buf[nl:]) < 0 {
@@ -295,6 +315,49 @@ func inspectHTTP(r io.Reader, buf []byte, name string) ([]byte, error) {
 		return buf, err
 	}
 	return buf, nil
+}
+
+const (
+	lineNeedMore = iota
+	lineNotHTTP
+	lineComplete
+)
+
+// maxMethodLen bounds the method token of a request line we recognise.
+const maxMethodLen = 20
+
+// requestLinePrefix reports whether b can be the start of an HTTP/1
+// request line ("METHOD SP target SP HTTP/d.d [CR] LF"), is one (end is the
+// index of its LF), or cannot be.
+func requestLinePrefix(b []byte) (state, end int) {
+	i := 0
+	for i < len(b) && isAlpha(b[i]) {
+		i++
+	}
+	if i > maxMethodLen || i == 0 && len(b) > 0 {
+		return lineNotHTTP, 0
+	}
+	if i == len(b) {
+		return lineNeedMore, 0
+	}
+	if b[i] != ' ' {
+		return lineNotHTTP, 0
+	}
+	// Target and version: printable bytes and spaces up to the line end.
+	for j := i + 1; j < len(b); j++ {
+		c := b[j]
+		switch {
+		case c == '\n':
+			return lineComplete, j
+		case c == '\r':
+			if j+1 < len(b) && b[j+1] != '\n' {
+				return lineNotHTTP, 0
+			}
+		case c < 0x20 || c == 0x7f:
+			return lineNotHTTP, 0
+		}
+	}
+	return lineNeedMore, 0
 }
 
 // headEnd returns the index just past the empty line ending a request head

@@ -22,12 +22,22 @@ func (s *server) setup(st *proto.Stream, req *proto.SetupRequest) {
 	setupOnce.Lock()
 	defer setupOnce.Unlock()
 	res := proto.SetupResult{}
-	if err := applySetup(req, !setupDone); err != nil {
+	first := !setupDone
+	if err := applySetup(req, first); err != nil {
 		res.Error = err.Error()
 	} else {
 		setupDone = true
 	}
+	if !first {
+		// A restored guest: clock, entropy and identity are fresh now, so
+		// the workload frozen before the snapshot may run again.
+		thawWorkload()
+		phase("thaw")
+	}
 	res.Timings = map[string]int64{"setup_us": setupTook.Microseconds(), "root_us": rootTook.Microseconds(), "uptime_us": uptime().Microseconds()}
+	for k, v := range phases {
+		res.Timings[k] = v
+	}
 	st.SendMsg(proto.Encode(proto.StreamMsg{Type: proto.MsgResult, Setup: &res}))
 }
 
@@ -36,6 +46,7 @@ func (s *server) setup(st *proto.Stream, req *proto.SetupRequest) {
 // network) is reset.
 func applySetup(req *proto.SetupRequest, first bool) (err error) {
 	t0 := time.Now()
+	phaseT = t0
 	defer func() { setupTook = time.Since(t0) }()
 	if req.UnixNano > 0 {
 		tv := unix.NsecToTimeval(req.UnixNano)
@@ -48,6 +59,7 @@ func applySetup(req *proto.SetupRequest, first bool) (err error) {
 			return fmt.Errorf("seed rng: %w", err)
 		}
 	}
+	phase("clock_entropy")
 	if first {
 		t := time.Now()
 		if err := assembleRoot(req); err != nil {
@@ -60,6 +72,7 @@ func applySetup(req *proto.SetupRequest, first bool) (err error) {
 			return fmt.Errorf("sethostname: %w", err)
 		}
 	}
+	phase("root_hostname")
 	if err := linkUp("lo"); err != nil {
 		return fmt.Errorf("loopback: %w", err)
 	}
@@ -68,9 +81,11 @@ func applySetup(req *proto.SetupRequest, first bool) (err error) {
 			return fmt.Errorf("network: %w", err)
 		}
 	}
+	phase("net")
 	if err := writeEtc(req); err != nil {
 		return err
 	}
+	phase("etc")
 	for _, f := range req.Files {
 		if !filepath.IsAbs(f.Path) {
 			return fmt.Errorf("setup file %q: path must be absolute", f.Path)
@@ -120,6 +135,7 @@ func assembleRoot(req *proto.SetupRequest) error {
 			return err
 		}
 	}
+	phase("pre_mount")
 	if err := unix.Mount(req.RootDevice, "/mnt/lower", fstype, unix.MS_RDONLY, ""); err != nil {
 		return fmt.Errorf("mount image %s: %w", req.RootDevice, err)
 	}
@@ -130,6 +146,7 @@ func assembleRoot(req *proto.SetupRequest) error {
 	} else if err := unix.Mount("tmpfs", "/mnt/upper", "tmpfs", 0, "mode=0755"); err != nil {
 		return fmt.Errorf("mount tmpfs layer: %w", err)
 	}
+	phase("mount_disks")
 	os.MkdirAll("/mnt/upper/root", 0o755)
 	os.MkdirAll("/mnt/upper/work", 0o755)
 	opts := "lowerdir=/mnt/lower,upperdir=/mnt/upper/root,workdir=/mnt/upper/work"
@@ -138,6 +155,7 @@ func assembleRoot(req *proto.SetupRequest) error {
 	}
 	// switch_root: the initramfs stays in memory under the new root; the
 	// agent binary is already loaded and keeps running.
+	phase("overlay")
 	if err := unix.Chdir("/newroot"); err != nil {
 		return err
 	}
@@ -228,6 +246,16 @@ func replaceFile(path string, data []byte, mode os.FileMode) error {
 
 // Timings of the last setup, reported to the host for tracing.
 var setupTook, rootTook time.Duration
+
+// phases records fine-grained setup timings (µs) for MATCHLOCK_TRACE.
+var phases = map[string]int64{}
+var phaseT = time.Now()
+
+func phase(name string) {
+	now := time.Now()
+	phases[name] = now.Sub(phaseT).Microseconds()
+	phaseT = now
+}
 
 func uptime() time.Duration {
 	var ts unix.Timespec

@@ -205,7 +205,9 @@ func (e *Endpoint) IsAttached() bool {
 	return e.dispatcher != nil
 }
 
-// Wait implements stack.LinkEndpoint.
+// Wait implements stack.LinkEndpoint. Call it after Close and before the
+// stack's Wait: the reader may be delivering a packet that needs the stack
+// lock, which Stack.Wait holds while it waits for the link.
 func (e *Endpoint) Wait() { e.wg.Wait() }
 
 // Close implements stack.LinkEndpoint: it stops the goroutines and closes
@@ -327,6 +329,11 @@ func (e *Endpoint) readLoop() {
 	buf := make([]byte, e.maxFrame)
 	var lenBuf [4]byte
 	for {
+		select {
+		case <-e.closing:
+			return
+		default:
+		}
 		if _, err := io.ReadFull(r, lenBuf[:]); err != nil {
 			e.readFailed(err)
 			return

@@ -134,8 +134,11 @@ func New(opts Options) (*Guest, error) {
 
 // Close stops the guest.
 func (g *Guest) Close() {
-	g.Stack.Close()
+	// Stop the link first: gVisor's Stack.Wait waits for the link's
+	// goroutines while holding the stack lock a delivery may need.
 	g.ep.Close()
+	g.ep.Wait()
+	g.Stack.Close()
 	g.Stack.Wait()
 }
 
