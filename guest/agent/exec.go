@@ -221,7 +221,12 @@ func execStream(st *proto.Stream, req *proto.ExecRequest) {
 			switch m.Type {
 			case proto.MsgSignal:
 				if m.Signal > 0 && m.Signal < 65 {
-					unix.Kill(proc.Pid, unix.Signal(m.Signal))
+					// The process leads its own session and group (Setsid):
+					// signal the group, as a terminal would, so that a shell
+					// pipeline stops as a whole.
+					if unix.Kill(-proc.Pid, unix.Signal(m.Signal)) != nil {
+						unix.Kill(proc.Pid, unix.Signal(m.Signal))
+					}
 				}
 			case proto.MsgResize:
 				if ptmx != nil && m.Rows > 0 && m.Cols > 0 {
