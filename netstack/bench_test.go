@@ -16,7 +16,7 @@ import (
 // lower bound for a real VM (whose kernel runs on its own vCPU).
 
 func benchEnv(b *testing.B, mtu uint32) (*env, netip.Addr) {
-	e := newEnv(b, nil, []string{"svc.test"}, withMTU(mtu))
+	e := newEnv(b, []string{"svc.test"}, []string{"svc.test"}, withMTU(mtu))
 	e.res.set("svc.test", "127.0.0.1")
 	return e, e.mustResolve("svc.test")
 }

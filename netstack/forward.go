@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -248,19 +249,127 @@ func (st *Stack) dialUpstream(ctx context.Context, dec decision, port uint16) (n
 	return nil, netip.AddrPort{}, firstErr
 }
 
-// serve runs an established connection: interceptor, inspection, splice.
+// serve runs an established connection: inspection, interceptor, splice.
 func (st *Stack) serve(guest *gonet.TCPConn, gep tcpip.Endpoint, up net.Conn, dec decision, port uint16, ev Event) {
 	var upOnce sync.Once
-	var upTaken atomic.Bool
 	closeUp := func() { upOnce.Do(func() { up.Close() }) }
 	stop := context.AfterFunc(st.ctx, func() { gep.Abort(); closeUp() })
 	defer stop()
 
+	var first []byte // guest bytes read by the inspection, forwarded first
+	var err error
+	var down firstRead // upstream bytes read before the down copy started
+	inspected := false
 	if dec.name != "" && st.cfg.Interceptor != nil {
+		var handled bool
+		var wait func() ([]byte, error)
+		first, err, down, wait, handled = st.offer(guest, up, dec, port)
+		if handled {
+			ev.Closed, ev.Reason = true, "intercepted"
+			st.log(ev)
+			return
+		}
+		if wait != nil {
+			// The server spoke first: start the down copy now, then
+			// wait for the inspection.
+			done := st.startDown(guest, gep, up, down)
+			first, err = wait()
+			st.finishServe(guest, gep, up, closeUp, first, err, done, ev)
+			return
+		}
+		inspected = true
+	}
+	done := st.startDown(guest, gep, up, down)
+	if !inspected && dec.name != "" {
+		first, err = inspectWithDeadline(guest, dec.name)
+	}
+	st.finishServe(guest, gep, up, closeUp, first, err, done, ev)
+}
+
+// firstRead is what one upstream read returned before the down copy.
+type firstRead struct {
+	b   []byte
+	err error
+}
+
+// downCopy is the upstream → guest half of a connection.
+type downCopy struct {
+	done  chan struct{}
+	bytes atomic.Int64
+}
+
+// startDown copies upstream → guest, after the bytes in pre.
+func (st *Stack) startDown(guest *gonet.TCPConn, gep tcpip.Endpoint, up net.Conn, pre firstRead) *downCopy {
+	d := &downCopy{done: make(chan struct{})}
+	go func() {
+		defer close(d.done)
+		if len(pre.b) > 0 {
+			n, err := guest.Write(pre.b)
+			d.bytes.Add(int64(n))
+			if err != nil {
+				gep.Abort()
+				return
+			}
+		}
+		err := pre.err
+		if err == nil {
+			var n int64
+			n, err = copyBuf(guest, up)
+			d.bytes.Add(n)
+		} else if errors.Is(err, io.EOF) {
+			err = nil
+		}
+		if err != nil {
+			gep.Abort()
+			return
+		}
+		guest.CloseWrite()
+	}()
+	return d
+}
+
+// offer inspects the guest's first bytes while watching whether the server
+// speaks first, and offers the connection to the interceptor when the guest
+// spoke first. It returns the inspection's result (first, err), what the
+// upstream sent meanwhile (down), or, when the server spoke first, wait for
+// the inspection still running; handled when the interceptor took the flow.
+func (st *Stack) offer(guest *gonet.TCPConn, up net.Conn, dec decision, port uint16) (first []byte, err error, down firstRead, wait func() ([]byte, error), handled bool) {
+	type inspResult struct {
+		b   []byte
+		err error
+	}
+	insp := make(chan inspResult, 1)
+	go func() {
+		b, err := inspectWithDeadline(guest, dec.name)
+		insp <- inspResult{b, err}
+	}()
+	upFirst := make(chan firstRead, 1)
+	go func() {
+		b := make([]byte, 4096)
+		n, err := up.Read(b)
+		upFirst <- firstRead{b[:n], err}
+	}()
+	select {
+	case u := <-upFirst:
+		return nil, nil, u, func() ([]byte, error) { r := <-insp; return r.b, r.err }, false
+	case r := <-insp:
+		// Stop the pending upstream read to take the connection over.
+		up.SetReadDeadline(time.Now())
+		u := <-upFirst
+		up.SetReadDeadline(time.Time{})
+		if errors.Is(u.err, os.ErrDeadlineExceeded) {
+			u.err = nil
+		}
+		if r.err != nil || len(u.b) > 0 || u.err != nil {
+			return r.b, r.err, u, nil, false
+		}
+		var upTaken atomic.Bool
 		f := &Flow{
-			Name:  dec.name,
-			Port:  port,
-			Guest: guest,
+			Name:   dec.name,
+			Port:   port,
+			Kind:   classify(r.b),
+			Prefix: r.b,
+			Guest:  &prefixConn{Conn: guest, pre: r.b},
 			Dial: func(ctx context.Context) (net.Conn, error) {
 				if upTaken.CompareAndSwap(false, true) {
 					return up, nil
@@ -276,55 +385,67 @@ func (st *Stack) serve(guest *gonet.TCPConn, gep tcpip.Endpoint, up net.Conn, de
 		}
 		if st.cfg.Interceptor(st.ctx, f) {
 			if !upTaken.Load() {
-				closeUp()
+				up.Close()
 			}
-			ev.Closed, ev.Reason = true, "intercepted"
-			st.log(ev)
-			return
+			return nil, nil, firstRead{}, nil, true
 		}
+		return r.b, nil, firstRead{}, nil, false
 	}
+}
 
-	var upBytes, downBytes atomic.Int64
-	done := make(chan struct{})
-	// upstream → guest starts at once: servers that speak first (SSH,
-	// SMTP) must not wait for the inspection.
-	go func() {
-		defer close(done)
-		n, err := copyBuf(guest, up)
-		downBytes.Add(n)
-		if err != nil {
-			gep.Abort()
-			return
-		}
-		guest.CloseWrite()
-	}()
-
-	var first []byte
-	var err error
-	if dec.name != "" {
-		first, err = inspectWithDeadline(guest, dec.name)
+// classify names what the inspected first bytes of a connection are.
+func classify(b []byte) string {
+	c := firstNonEOL(b)
+	switch {
+	case len(b) > 5 && b[0] == 0x16 && b[1] == 3:
+		return "tls"
+	case isAlpha(c):
+		return "http"
 	}
+	return ""
+}
+
+// prefixConn returns pre before reading from Conn.
+type prefixConn struct {
+	net.Conn
+	pre []byte
+}
+
+func (c *prefixConn) Read(p []byte) (int, error) {
+	if len(c.pre) > 0 {
+		n := copy(p, c.pre)
+		c.pre = c.pre[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}
+
+// finishServe forwards the inspected bytes and the rest of the guest's
+// stream upstream (or resets both sides when the inspection refused), waits
+// for the down copy and logs the close.
+func (st *Stack) finishServe(guest *gonet.TCPConn, gep tcpip.Endpoint, up net.Conn, closeUp func(), first []byte, err error, down *downCopy, ev Event) {
 	if err != nil {
 		resetUp(up)
 		gep.Abort()
 		closeUp()
-		<-done
+		<-down.done
 		ev.Verdict, ev.Reason, ev.Closed = Deny, err.Error(), true
 		st.connsDenied.Add(1)
 		st.log(ev)
 		guest.Close()
 		return
 	}
+	var upBytes int64
 	upErr := error(nil)
 	if len(first) > 0 {
 		var n int
 		n, upErr = up.Write(first)
-		upBytes.Add(int64(n))
+		upBytes += int64(n)
 	}
 	if upErr == nil {
 		var n int64
 		n, upErr = copyBuf(up, guest)
-		upBytes.Add(n)
+		upBytes += n
 	}
 	if upErr != nil {
 		resetUp(up)
@@ -335,11 +456,11 @@ func (st *Stack) serve(guest *gonet.TCPConn, gep tcpip.Endpoint, up net.Conn, de
 	} else {
 		closeUp()
 	}
-	<-done
+	<-down.done
 	closeUp()
 	guest.Close()
 	ev.Closed = true
-	ev.BytesUp, ev.BytesDown = upBytes.Load(), downBytes.Load()
+	ev.BytesUp, ev.BytesDown = upBytes, down.bytes.Load()
 	st.log(ev)
 }
 

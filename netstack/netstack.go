@@ -138,14 +138,44 @@ type Event struct {
 	Closed             bool
 }
 
+// String formats the event on one line (no time), e.g.
+// "allow tcp api.test:443 -> 203.0.113.7:443" or
+// "deny https api.test:443 (mitm: GET /v1: blocked: ...)".
+func (e Event) String() string {
+	dest := e.Name
+	if dest == "" && e.IP.IsValid() {
+		dest = e.IP.String()
+	}
+	line := fmt.Sprintf("%s %s %s:%d", e.Verdict, e.Proto, dest, e.Port)
+	if e.Upstream.IsValid() && !e.Closed {
+		line += " -> " + e.Upstream.String()
+	}
+	if e.Reason != "" {
+		line += " (" + e.Reason + ")"
+	}
+	if e.Closed {
+		line += fmt.Sprintf(" closed up=%dB down=%dB", e.BytesUp, e.BytesDown)
+	}
+	return line
+}
+
 // DialFunc dials upstream. The address is always a numeric IP:port.
 type DialFunc func(ctx context.Context, network, addr string) (net.Conn, error)
 
 // Flow is an allowed connection to a name, handed to an Interceptor.
 type Flow struct {
-	Name  string
-	Port  uint16
-	Guest net.Conn // the guest's side; the interceptor owns it if it handles the flow
+	Name string
+	Port uint16
+	// Kind is what the guest's first bytes are: "tls" (a ClientHello whose
+	// SNI is Name or absent), "http" (an HTTP/1 request head whose Host is
+	// Name) or "" (anything else).
+	Kind string
+	// Prefix are the guest's first bytes, as read by the inspection. They
+	// have not been forwarded; reading Guest returns them first.
+	Prefix []byte
+	// Guest is the guest's side; the interceptor owns it if it handles the
+	// flow.
+	Guest net.Conn
 	// Dial returns a connection to the name's upstream. The first call
 	// returns the connection the forwarder dialled before completing the
 	// guest's handshake; later calls dial again (re-resolved and re-checked
@@ -153,12 +183,15 @@ type Flow struct {
 	Dial func(ctx context.Context) (net.Conn, error)
 }
 
-// Interceptor is the hook for a later TLS-terminating proxy (secrets
-// injection). It is called for each allowed connection to a name before any
-// byte is read from the guest. Returning true means it handled the flow:
-// it owns (and must close) Guest and every connection it got from Dial.
-// Returning false means the forwarder carries on as if it were not there;
-// it must then not have read from Guest nor called Dial.
+// Interceptor is the hook of the TLS-terminating proxy (secrets injection,
+// package netstack/mitm). It is called for each allowed connection to a
+// name once the forwarder has inspected (and accepted) the guest's first
+// bytes, before any of them is forwarded, and only when the server has not
+// spoken first (a server that speaks first, e.g. SSH, is never
+// intercepted). Returning true means it handled the flow: it owns (and must
+// close) Guest and every connection it got from Dial. Returning false means
+// the forwarder carries on as if it were not there; it must then not have
+// read from Guest nor called Dial (Kind and Prefix are there to decide).
 type Interceptor func(ctx context.Context, f *Flow) (handled bool)
 
 // Config configures a Stack.

@@ -123,7 +123,7 @@ func TestDNSRebindingRefused(t *testing.T) {
 func TestPortRestricted(t *testing.T) {
 	echo := newEchoServer(t)
 	other := newEchoServer(t)
-	e := newEnv(t, nil, []string{fmt.Sprintf("svc.test:%d", echo.port())})
+	e := newEnv(t, []string{fmt.Sprintf("svc.test:%d", echo.port())}, []string{fmt.Sprintf("svc.test:%d", echo.port())})
 	e.res.set("svc.test", "127.0.0.1")
 	ip := e.mustResolve("svc.test")
 	e.mustEcho(netip.AddrPortFrom(ip, echo.port()))
@@ -136,8 +136,12 @@ func TestPortRestricted(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.mustRefuse(netip.AddrPortFrom(ip, other.port()))
-	// Adding the port at run time opens it.
+	// Adding the port at run time opens it, once both lists name it.
 	if err := e.st.Policy().AddPrivate(fmt.Sprintf("svc.test:%d", other.port())); err != nil {
+		t.Fatal(err)
+	}
+	e.mustRefuse(netip.AddrPortFrom(ip, other.port())) // allow-private alone allows nothing
+	if err := e.st.Policy().Add(fmt.Sprintf("svc.test:%d", other.port())); err != nil {
 		t.Fatal(err)
 	}
 	e.mustEcho(netip.AddrPortFrom(ip, other.port()))
@@ -145,7 +149,7 @@ func TestPortRestricted(t *testing.T) {
 
 func TestCIDRRules(t *testing.T) {
 	echo := newEchoServer(t)
-	e := newEnv(t, []string{"203.0.113.0/24:5432", "198.51.100.7"}, []string{"10.9.9.9:6379"})
+	e := newEnv(t, []string{"203.0.113.0/24:5432", "198.51.100.7", "10.9.9.0/24"}, []string{"10.9.9.9:6379"})
 	loop := fmt.Sprintf("127.0.0.1:%d", echo.port())
 	e.dialer.redirect["203.0.113.7:5432"] = loop
 	e.dialer.redirect["203.0.113.255:5432"] = loop
@@ -182,6 +186,16 @@ func TestCIDRRules(t *testing.T) {
 	if len(e2.dialer.Calls()) != 0 {
 		t.Error("dialled a private address")
 	}
+	// Nor does allow-private alone.
+	e3 := newEnv(t, nil, []string{"10.9.9.9:6379", "svc.test"})
+	e3.res.set("svc.test", "127.0.0.1")
+	e3.mustRefuse(ap("10.9.9.9:6379"))
+	if rc, _ := e3.lookup("svc.test"); rc != dnsmessage.RCodeNameError {
+		t.Errorf("allow-private alone: DNS %v, want NXDOMAIN", rc)
+	}
+	if len(e3.dialer.Calls()) != 0 {
+		t.Error("allow-private alone dialled")
+	}
 }
 
 func TestRealIPOfAllowedNameRefused(t *testing.T) {
@@ -202,7 +216,7 @@ func TestRealIPOfAllowedNameRefused(t *testing.T) {
 
 func TestDialFailureResets(t *testing.T) {
 	dead := freePort(t)
-	e := newEnv(t, nil, []string{"svc.test"})
+	e := newEnv(t, []string{"svc.test"}, []string{"svc.test"})
 	e.res.set("svc.test", "127.0.0.1")
 	ip := e.mustResolve("svc.test")
 	e.mustRefuse(netip.AddrPortFrom(ip, dead))
@@ -223,7 +237,7 @@ func TestTLSSNI(t *testing.T) {
 	}))
 	defer srv.Close()
 	tlsPort := uint16(srv.Listener.Addr().(*net.TCPAddr).Port)
-	e := newEnv(t, nil, []string{"svc.test"})
+	e := newEnv(t, []string{"svc.test"}, []string{"svc.test"})
 	e.res.set("svc.test", "127.0.0.1")
 	ip := e.mustResolve("svc.test")
 
@@ -311,7 +325,7 @@ func TestHTTPHost(t *testing.T) {
 	}))
 	defer srv.Close()
 	port := uint16(srv.Listener.Addr().(*net.TCPAddr).Port)
-	e := newEnv(t, nil, []string{"svc.test"})
+	e := newEnv(t, []string{"svc.test"}, []string{"svc.test"})
 	e.res.set("svc.test", "127.0.0.1")
 	ip := e.mustResolve("svc.test")
 
@@ -383,41 +397,55 @@ func TestHTTPHost(t *testing.T) {
 
 func TestNonHTTPPassesAndServerSpeaksFirst(t *testing.T) {
 	// A server that greets first (like SSH or SMTP) must not wait for the
-	// inspection.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		c, err := ln.Accept()
+	// inspection, with or without an interceptor (which never sees it).
+	for _, withInterceptor := range []bool{false, true} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
-			return
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			io.WriteString(c, "SSH-2.0-test\r\n")
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			io.WriteString(c, "got "+line)
+		}()
+		port := uint16(ln.Addr().(*net.TCPAddr).Port)
+		var offered atomic.Bool
+		e := newEnv(t, []string{"ssh.test"}, []string{"ssh.test"}, func(c *Config) {
+			if withInterceptor {
+				c.Interceptor = func(ctx context.Context, f *Flow) bool {
+					offered.Store(true)
+					f.Guest.Close()
+					return true
+				}
+			}
+		})
+		e.res.set("ssh.test", "127.0.0.1")
+		ip := e.mustResolve("ssh.test")
+		c, err := e.dial(netip.AddrPortFrom(ip, port))
+		if err != nil {
+			t.Fatal(err)
 		}
 		defer c.Close()
-		io.WriteString(c, "SSH-2.0-test\r\n")
-		line, _ := bufio.NewReader(c).ReadString('\n')
-		io.WriteString(c, "got "+line)
-	}()
-	port := uint16(ln.Addr().(*net.TCPAddr).Port)
-	e := newEnv(t, nil, []string{"ssh.test"})
-	e.res.set("ssh.test", "127.0.0.1")
-	ip := e.mustResolve("ssh.test")
-	c, err := e.dial(netip.AddrPortFrom(ip, port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	r := bufio.NewReader(c)
-	greet, err := r.ReadString('\n')
-	if err != nil || greet != "SSH-2.0-test\r\n" {
-		t.Fatalf("greeting %q %v", greet, err)
-	}
-	io.WriteString(c, "SSH-2.0-client\r\n")
-	reply, err := r.ReadString('\n')
-	if err != nil || reply != "got SSH-2.0-client\r\n" {
-		t.Fatalf("reply %q %v", reply, err)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		r := bufio.NewReader(c)
+		greet, err := r.ReadString('\n')
+		if err != nil || greet != "SSH-2.0-test\r\n" {
+			t.Fatalf("greeting %q %v", greet, err)
+		}
+		io.WriteString(c, "SSH-2.0-client\r\n")
+		reply, err := r.ReadString('\n')
+		if err != nil || reply != "got SSH-2.0-client\r\n" {
+			t.Fatalf("reply %q %v", reply, err)
+		}
+		if offered.Load() {
+			t.Fatal("a server-first connection was offered to the interceptor")
+		}
 	}
 }
 
@@ -531,7 +559,7 @@ func TestIPv6AndICMPDropped(t *testing.T) {
 
 func TestSpoofAndFragmentsDropped(t *testing.T) {
 	echo := newEchoServer(t)
-	e := newEnv(t, nil, []string{fmt.Sprintf("10.9.9.9:%d", echo.port())})
+	e := newEnv(t, []string{fmt.Sprintf("10.9.9.9:%d", echo.port())}, []string{fmt.Sprintf("10.9.9.9:%d", echo.port())})
 	dst := netip.MustParseAddr("10.9.9.9")
 	e.dialer.redirect[fmt.Sprintf("10.9.9.9:%d", echo.port())] = fmt.Sprintf("127.0.0.1:%d", echo.port())
 	other := net.HardwareAddr{0x02, 0, 0, 0, 0, 9}
@@ -649,9 +677,9 @@ func TestStarAllowsPublicNotPrivate(t *testing.T) {
 func TestInterceptor(t *testing.T) {
 	echo := newEchoServer(t)
 	var seen atomic.Value
-	e := newEnv(t, nil, []string{"svc.test"}, func(c *Config) {
+	e := newEnv(t, []string{"svc.test"}, []string{"svc.test"}, func(c *Config) {
 		c.Interceptor = func(ctx context.Context, f *Flow) bool {
-			seen.Store(fmt.Sprintf("%s:%d", f.Name, f.Port))
+			seen.Store(fmt.Sprintf("%s:%d %s %q", f.Name, f.Port, f.Kind, f.Prefix))
 			if f.Port != echo.port() {
 				return false // not ours: the forwarder carries on
 			}
@@ -662,7 +690,9 @@ func TestInterceptor(t *testing.T) {
 			}
 			defer up.Close()
 			defer f.Guest.Close()
-			io.WriteString(f.Guest, "intercepted\n")
+			// Guest returns the inspected bytes first.
+			line, _ := bufio.NewReader(f.Guest).ReadString('\n')
+			io.WriteString(f.Guest, "intercepted "+line)
 			io.WriteString(up, "x")
 			b := make([]byte, 1)
 			io.ReadFull(up, b) // the pre-dialled upstream works
@@ -677,25 +707,43 @@ func TestInterceptor(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: svc.test\r\n\r\n")
 	b, _ := io.ReadAll(c)
 	c.Close()
-	if string(b) != "intercepted\nupstream said x\n" {
+	if string(b) != "intercepted GET / HTTP/1.1\r\nupstream said x\n" {
 		t.Fatalf("got %q", b)
 	}
-	if got := seen.Load(); got != fmt.Sprintf("svc.test:%d", echo.port()) {
+	if got := seen.Load(); got != fmt.Sprintf("svc.test:%d http %q", echo.port(), "GET / HTTP/1.1\r\nHost: svc.test\r\n\r\n") {
 		t.Fatalf("flow %v", got)
 	}
 	if n := len(e.dialer.Calls()); n != 1 {
 		t.Fatalf("%d dials, want 1 (the pre-dialled connection)", n)
 	}
-	// Declined flows are forwarded as usual.
+	if !e.hasEvent(func(ev Event) bool { return ev.Closed && ev.Reason == "intercepted" }) {
+		t.Fatal("no intercepted event")
+	}
+	// Declined flows are forwarded as usual (the inspected bytes first).
 	other := newEchoServer(t)
 	e.mustEcho(netip.AddrPortFrom(ip, other.port()))
+	// The inspection still applies before the interceptor: a wrong Host is
+	// reset and never offered.
+	seen.Store("")
+	c, err = e.dial(netip.AddrPortFrom(ip, echo.port()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+	b, _ = io.ReadAll(c)
+	c.Close()
+	if len(b) != 0 || seen.Load() != "" {
+		t.Fatalf("mismatched Host: got %q, offered %v", b, seen.Load())
+	}
 }
 
 func TestHalfCloseAndEvents(t *testing.T) {
 	echo := newEchoServer(t)
-	e := newEnv(t, nil, []string{"svc.test"})
+	e := newEnv(t, []string{"svc.test"}, []string{"svc.test"})
 	e.res.set("svc.test", "127.0.0.1")
 	ip := e.mustResolve("svc.test")
 	c, err := e.dial(netip.AddrPortFrom(ip, echo.port()))
@@ -732,7 +780,7 @@ func TestHalfCloseAndEvents(t *testing.T) {
 
 func TestConnectionCap(t *testing.T) {
 	echo := newEchoServer(t)
-	e := newEnv(t, nil, []string{"10.9.9.9:7"})
+	e := newEnv(t, []string{"10.9.9.9:7"}, []string{"10.9.9.9:7"})
 	e.dialer.redirect["10.9.9.9:7"] = fmt.Sprintf("127.0.0.1:%d", echo.port())
 	e.st.conns = make(chan struct{}, 2) // a smaller cap, same code
 	dst := ap("10.9.9.9:7")
@@ -758,7 +806,7 @@ func TestConnectionCap(t *testing.T) {
 
 func TestMTU65520(t *testing.T) {
 	echo := newEchoServer(t)
-	e := newEnv(t, nil, []string{"10.9.9.9:7"}, withMTU(65520))
+	e := newEnv(t, []string{"10.9.9.9:7"}, []string{"10.9.9.9:7"}, withMTU(65520))
 	e.dialer.redirect["10.9.9.9:7"] = fmt.Sprintf("127.0.0.1:%d", echo.port())
 	c, err := e.dial(ap("10.9.9.9:7"))
 	if err != nil {

@@ -75,7 +75,7 @@ func (s *Sandbox) Exec(ctx context.Context, o ExecOptions) (*Process, error) {
 	if len(o.Argv) == 0 {
 		return nil, errors.New("exec: empty command")
 	}
-	st, err := s.conn.Open(ctx, proto.Encode(proto.OpenHeader{Kind: proto.KindExec, Exec: &proto.ExecRequest{
+	st, err := s.OpenStream(ctx, proto.Encode(proto.OpenHeader{Kind: proto.KindExec, Exec: &proto.ExecRequest{
 		Argv: o.Argv, Env: o.Env, Dir: o.Dir, User: o.User, Stdin: o.Stdin, TTY: o.TTY, Rows: o.Rows, Cols: o.Cols,
 	}}))
 	if err != nil {

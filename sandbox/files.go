@@ -16,7 +16,7 @@ type FileInfo = proto.FileInfo
 // mode's permission bits). Data moves in flow-controlled chunks: the size
 // of the file does not bound host memory.
 func (s *Sandbox) WriteFile(ctx context.Context, path string, r io.Reader, mode os.FileMode) (int64, error) {
-	st, err := s.conn.Open(ctx, proto.Encode(proto.OpenHeader{Kind: proto.KindWriteFile,
+	st, err := s.OpenStream(ctx, proto.Encode(proto.OpenHeader{Kind: proto.KindWriteFile,
 		File: &proto.FileRequest{Path: path, Mode: uint32(mode.Perm() | mode&(os.ModeSetuid|os.ModeSetgid|os.ModeSticky))}}))
 	if err != nil {
 		return 0, fmt.Errorf("write %s: %w", path, err)
@@ -37,7 +37,7 @@ func (s *Sandbox) WriteFile(ctx context.Context, path string, r io.Reader, mode 
 
 // ReadFile streams the guest file at path into w.
 func (s *Sandbox) ReadFile(ctx context.Context, path string, w io.Writer) (int64, error) {
-	st, err := s.conn.Open(ctx, proto.Encode(proto.OpenHeader{Kind: proto.KindReadFile, File: &proto.FileRequest{Path: path}}))
+	st, err := s.OpenStream(ctx, proto.Encode(proto.OpenHeader{Kind: proto.KindReadFile, File: &proto.FileRequest{Path: path}}))
 	if err != nil {
 		return 0, fmt.Errorf("read %s: %w", path, err)
 	}

@@ -92,6 +92,21 @@ type Options struct {
 	Notice func(string) `json:"-"`
 	// BootTimeout bounds the wait for the guest agent. Default 60 s.
 	BootTimeout time.Duration `json:"boot_timeout,omitempty"`
+
+	// Mounts share host directories; Volumes attach named volumes
+	// (workspace.go, docs/workspace.md).
+	Mounts  []Mount       `json:"mounts,omitempty"`
+	Volumes []VolumeMount `json:"volumes,omitempty"`
+	// Disks attach raw ext4 disk images read-write, mounted at their
+	// targets after the volumes. Unlike volumes they are not locked here:
+	// the caller owns the file and its locking (matchlock build's cache).
+	Disks []DiskMount `json:"disks,omitempty"`
+
+	// RestoreFrom, when set, is a snapshot directory (see Snapshot): the
+	// sandbox resumes from it instead of booting. Image, resources and
+	// accel come from the snapshot; identity, network and secrets from
+	// these options (see restore in snapshot.go).
+	RestoreFrom string `json:"restore_from,omitempty"`
 }
 
 // Secret is a value that never enters the VM.
@@ -116,6 +131,10 @@ type Sandbox struct {
 
 	fwdMu    sync.Mutex // guards forwards
 	forwards []*Forward
+
+	snap snapState // snapshot support; its gate guards conn (snapshot.go)
+
+	mnt mountState // shares and volumes (workspace.go)
 
 	closeOnce sync.Once
 	closeErr  error
@@ -145,6 +164,9 @@ func NewID() string {
 // New boots a sandbox and waits until its guest agent has set up the root
 // filesystem. On error nothing of the sandbox remains.
 func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
+	if opts.RestoreFrom != "" {
+		return restore(ctx, opts)
+	}
 	if opts.Images == nil {
 		return nil, errors.New("sandbox: no image source")
 	}
@@ -197,6 +219,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		id = NewID()
 	}
 	s := &Sandbox{ID: id, Image: imgCfg, Accel: accel}
+	s.snap.record(opts, rootfs, imgCfg)
 	// The guest sees a placeholder for every secret; the real value stays
 	// in this process (the TLS interceptor swaps it in flight).
 	s.placeholders = map[string]string{}
@@ -234,6 +257,10 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		}
 		vmNet, guestNet = s.net.vmNet, s.net.guest
 	}
+	caFiles, err := s.startSecrets(opts)
+	if err != nil {
+		return nil, err
+	}
 	tr.mark("network")
 
 	console := opts.ConsoleLog
@@ -243,10 +270,15 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	} else {
 		console = io.MultiWriter(console, tail)
 	}
+	extraDisks, shares, err := s.prepareMounts(&opts, 2)
+	if err != nil {
+		return nil, err
+	}
 	m, err := backend.Start(ctx, vmm.Spec{
 		Kernel: kernelPath, Initrd: initrd,
 		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
-		Disks:      []vmm.Disk{{Path: rootfs, ReadOnly: true}, {Path: upper}},
+		Disks:      append([]vmm.Disk{{Path: rootfs, ReadOnly: true}, {Path: upper}}, extraDisks...),
+		Shares:     shares,
 		ConsoleLog: console, RunDir: s.dir, Accel: accel, Net: vmNet,
 	})
 	if s.net != nil {
@@ -268,7 +300,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		case <-bootCtx.Done():
 		}
 	}()
-	s.conn = proto.NewConn(m.Control(), hostProtoConfig)
+	s.conn = proto.NewConn(s.snap.newLink(m.Control()), hostProtoConfig)
 	if _, err := s.conn.Handshake(bootCtx); err != nil {
 		return nil, s.bootError(ctx, bootCtx, err, tail)
 	}
@@ -278,7 +310,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	res, err := s.call(bootCtx, proto.OpenHeader{Kind: proto.KindSetup, Setup: &proto.SetupRequest{
 		Hostname: hostname, UnixNano: time.Now().UnixNano(), Entropy: entropy,
 		RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
-		Net: guestNet,
+		Net: guestNet, Files: caFiles,
 	}})
 	if err != nil {
 		return nil, s.bootError(ctx, bootCtx, err, tail)
@@ -287,6 +319,9 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		return nil, fmt.Errorf("guest setup: %s", res.Setup.Error)
 	}
 	tr.mark("setup")
+	if err := s.startMounts(bootCtx); err != nil {
+		return nil, err
+	}
 	if tr.on && res.Setup != nil {
 		fmt.Fprintf(os.Stderr, "trace: guest %v\n", res.Setup.Timings)
 	}
@@ -324,7 +359,7 @@ func machineDone(m vmm.Machine) <-chan struct{} {
 // call opens a stream, waits for its first result or error message, and
 // closes it.
 func (s *Sandbox) call(ctx context.Context, h proto.OpenHeader) (*proto.StreamMsg, error) {
-	st, err := s.conn.Open(ctx, proto.Encode(h))
+	st, err := s.OpenStream(ctx, proto.Encode(h))
 	if err != nil {
 		return nil, err
 	}
@@ -359,13 +394,19 @@ func Remote(id string, conn *proto.Conn) *Sandbox {
 }
 
 // Conn is the sandbox's control connection.
-func (s *Sandbox) Conn() *proto.Conn { return s.conn }
+func (s *Sandbox) Conn() *proto.Conn {
+	s.snap.gate.RLock()
+	defer s.snap.gate.RUnlock()
+	return s.conn
+}
 
 // Stop kills the VM but keeps the sandbox directory (writable layer, logs)
 // for inspection; Close or RemoveDir reclaims it.
 func (s *Sandbox) Stop() {
-	if s.conn != nil {
-		s.conn.Close()
+	s.syncVolumes()
+	defer s.releaseMounts()
+	if c := s.Conn(); c != nil {
+		c.Close()
 	}
 	if s.machine != nil {
 		s.machine.Kill()
@@ -399,7 +440,7 @@ func (s *Sandbox) Done() <-chan struct{} {
 }
 
 // Ping measures one round trip over the control channel.
-func (s *Sandbox) Ping(ctx context.Context) (time.Duration, error) { return s.conn.Ping(ctx) }
+func (s *Sandbox) Ping(ctx context.Context) (time.Duration, error) { return s.Conn().Ping(ctx) }
 
 // Dir is the sandbox's private host directory.
 func (s *Sandbox) Dir() string { return s.dir }

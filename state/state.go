@@ -73,6 +73,27 @@ var migrations = []string{
 		error TEXT NOT NULL DEFAULT '',
 		config TEXT NOT NULL DEFAULT '{}'
 	)`,
+	// 2: snapshots and the sandboxes using them (see snapshots.go)
+	`CREATE TABLE snapshots (
+		name TEXT PRIMARY KEY,
+		status TEXT NOT NULL,
+		auto INTEGER NOT NULL DEFAULT 0,
+		source TEXT NOT NULL DEFAULT '',
+		image TEXT NOT NULL DEFAULT '',
+		created INTEGER NOT NULL,
+		creator_pid INTEGER NOT NULL DEFAULT 0,
+		creator_start INTEGER NOT NULL DEFAULT 0,
+		size INTEGER NOT NULL DEFAULT 0,
+		info TEXT NOT NULL DEFAULT '{}'
+	);
+	CREATE TABLE snapshot_refs (
+		snapshot TEXT NOT NULL,
+		holder TEXT NOT NULL,
+		pid INTEGER NOT NULL,
+		pid_start INTEGER NOT NULL,
+		created INTEGER NOT NULL,
+		PRIMARY KEY (snapshot, holder)
+	)`,
 }
 
 // Open opens (creating and migrating) the database in dir.

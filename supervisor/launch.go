@@ -36,12 +36,16 @@ type Config struct {
 	Pull    string               `json:"pull"`
 	// Publish are ports to forward for the sandbox's lifetime.
 	Publish []sandbox.PortSpec `json:"publish,omitempty"`
+	// Snapshot, when set, names the snapshot the sandbox is restored from
+	// (held as in use while the supervisor lives).
+	Snapshot string `json:"snapshot,omitempty"`
 }
 
 // File names inside the sandbox directory.
 const (
 	SocketName     = "ctl.sock"
 	ConsoleLogName = "console.log"
+	NetworkLogName = "network.log" // every network decision (sandbox.NetLogFile)
 	OutputLogName  = "output.log"
 	SupervisorLog  = "supervisor.log"
 )
@@ -176,6 +180,10 @@ func serve(cfg Config, report func(error)) error {
 	opts := cfg.Options
 	opts.ID = cfg.ID
 	opts.ConsoleLog = console
+	if netLog, nf, err := sandbox.NetLogFile(filepath.Join(dir, NetworkLogName)); err == nil {
+		defer nf.Close()
+		opts.NetLog = netLog
+	}
 	opts.Images = ImageSource(cfg.Pull)
 	var notices []string
 	opts.Notice = func(s string) { notices = append(notices, s) }
@@ -186,6 +194,15 @@ func serve(cfg Config, report func(error)) error {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	go func() { <-sigs; cancel() }()
 
+	if cfg.Snapshot != "" {
+		release, err := holdSnapshot(db, cfg.Snapshot, cfg.ID, &opts)
+		if err != nil {
+			db.Finish(cfg.ID, state.StatusStopped, nil, err.Error())
+			report(err)
+			return err
+		}
+		defer release()
+	}
 	sb, err := sandbox.New(ctx, opts)
 	if err != nil {
 		db.Finish(cfg.ID, state.StatusStopped, nil, err.Error())
@@ -213,7 +230,7 @@ func serve(cfg Config, report func(error)) error {
 	var stopOnce sync.Once
 	stopped := make(chan struct{})
 	stop := func() { stopOnce.Do(func() { close(stopped) }) }
-	srv := &Server{SB: sb, Pid: pid, Shutdown: stop}
+	srv := &Server{SB: sb, Pid: pid, Shutdown: stop, Config: &cfg}
 	go srv.Serve(l)
 	if err := db.SetRunning(cfg.ID, pid, state.ProcessStart(pid), sb.QEMUPid()); err != nil {
 		sb.Stop()

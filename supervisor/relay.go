@@ -33,6 +33,8 @@ type Info struct {
 	QEMUPid int                 `json:"qemu_pid"`
 	Accel   string              `json:"accel"`
 	Image   sandbox.ImageConfig `json:"image"`
+	// Network are the verdict counters (connections, DNS, drops, secrets).
+	Network *sandbox.NetStats `json:"network,omitempty"`
 }
 
 // GetInfo asks a supervisor (over a Dial'ed sandbox) for its Info.
@@ -60,7 +62,8 @@ const maxClients = 64
 type Server struct {
 	SB       *sandbox.Sandbox
 	Pid      int
-	Shutdown func() // called on KindShutdown
+	Shutdown func()  // called on KindShutdown
+	Config   *Config // how the sandbox was made (fork makes more alike)
 
 	sem chan struct{}
 }
@@ -123,11 +126,14 @@ func (s *Server) handle(ctx context.Context, st *proto.Stream) {
 	}
 	switch h.Kind {
 	case KindInfo:
-		b, _ := json.Marshal(Info{ID: s.SB.ID, Pid: s.Pid, QEMUPid: s.SB.QEMUPid(), Accel: s.SB.Accel, Image: s.SB.Image})
+		ns := s.SB.NetStats()
+		b, _ := json.Marshal(Info{ID: s.SB.ID, Pid: s.Pid, QEMUPid: s.SB.QEMUPid(), Accel: s.SB.Accel, Image: s.SB.Image, Network: &ns})
 		st.SendMsg(b)
 		st.Close()
 	case KindAllowList, KindPortForward:
 		s.control(st)
+	case KindSnapshot, KindFork:
+		s.snapshotRequest(ctx, st)
 	case KindShutdown:
 		st.Close()
 		if s.Shutdown != nil {
@@ -140,7 +146,7 @@ func (s *Server) handle(ctx context.Context, st *proto.Stream) {
 			st.Reset(err.Error())
 			return
 		}
-		relay(ctx, st, s.SB.Conn())
+		relay(ctx, st, s.SB)
 	default:
 		st.Reset("unknown kind " + h.Kind)
 	}
@@ -148,8 +154,10 @@ func (s *Server) handle(ctx context.Context, st *proto.Stream) {
 
 // relay opens the same stream to the guest and pumps both ways until both
 // ends are done.
-func relay(ctx context.Context, client *proto.Stream, guestConn *proto.Conn) {
-	guest, err := guestConn.Open(ctx, client.Header())
+func relay(ctx context.Context, client *proto.Stream, guestConn interface {
+	OpenStream(context.Context, []byte) (*proto.Stream, error)
+}) {
+	guest, err := guestConn.OpenStream(ctx, client.Header())
 	if err != nil {
 		client.Reset("guest: " + err.Error())
 		return

@@ -24,6 +24,11 @@ type Spec struct {
 
 	Disks []Disk // virtio-blk devices, in order: the guest sees vda, vdb, …
 
+	// Shares are host directories exported to the guest by the VMM itself
+	// (virtio-9p with QEMU), by mount tag. matchlock's own shares travel
+	// over the control channel instead; these exist for comparison.
+	Shares []Share
+
 	// Net, when set, attaches one virtio-net device whose Ethernet frames
 	// travel over Net.Conn with a 4-byte big-endian length prefix.
 	Net *Net
@@ -39,10 +44,25 @@ type Spec struct {
 	// Accel selects acceleration: "kvm" or "tcg". Empty means the backend
 	// decides (see Backend.Probe).
 	Accel string
+
+	// RestoreFrom, when set, is a directory written by Snapshotter.Snapshot:
+	// the machine resumes from it instead of booting (Kernel, Initrd and
+	// Cmdline are ignored). CPUs, MemoryMiB, Accel, the number of disks and
+	// the presence of Net must be those of the snapshotted machine; disks
+	// may be other files with the same content. The directory's files must
+	// not change while the machine runs.
+	RestoreFrom string
 }
 
 // Disk is a raw disk image attached as a virtio block device.
 type Disk struct {
+	Path     string
+	ReadOnly bool
+}
+
+// Share is a host directory the VMM exports under a mount tag.
+type Share struct {
+	Tag      string // at most 31 bytes: letters, digits, '_', '-'
 	Path     string
 	ReadOnly bool
 }
@@ -53,6 +73,11 @@ type Net struct {
 	Conn *os.File // one end of a socketpair; the backend passes it to the VMM
 	MAC  string   // e.g. "02:4d:4c:00:00:02"
 	MTU  int      // host MTU hint for the device; 0 means the default
+	// Slirp attaches the NIC to the VMM's built-in user networking
+	// (QEMU -netdev user, guest network 10.213.0.0/24, the host reachable
+	// at 10.213.0.1) instead of Conn. Benchmark baseline only
+	// (bench/network): it bypasses the network policy entirely.
+	Slirp bool
 }
 
 // Backend starts machines.
@@ -73,6 +98,22 @@ type Machine interface {
 	Kill() error
 	// Pid is the host process id of the VMM, for diagnostics and reaping.
 	Pid() int
+}
+
+// Snapshotter is implemented by machines that can be snapshotted. The
+// caller quiesces the guest first (nothing in flight on the control
+// channel), then:
+//
+//	Pause → Snapshot(dir) → (copy disks: they are consistent now) → Resume
+type Snapshotter interface {
+	// Pause stops the guest's CPUs and drains its block I/O.
+	Pause(ctx context.Context) error
+	// Snapshot writes the paused machine's RAM and device state into dir,
+	// an existing empty directory, for Spec.RestoreFrom. Disks are not
+	// copied. The machine stays paused.
+	Snapshot(ctx context.Context, dir string) error
+	// Resume continues a paused machine.
+	Resume(ctx context.Context) error
 }
 
 // ErrNoAccel is returned when a requested acceleration is unavailable.

@@ -71,14 +71,15 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("open control port %s: %w", port, err)
 	}
-	conn := proto.NewConn(f, proto.Config{Initiator: false, Role: "guest"})
+	link := proto.NewLink(f) // a handoff replaces the Conn, never the port
+	conn := proto.NewConn(link, proto.Config{Initiator: false, Role: "guest"})
 	ctx := context.Background()
 	if _, err := conn.Handshake(ctx); err != nil {
 		return fmt.Errorf("handshake: %w", err)
 	}
-	s := &server{conn: conn}
+	s := &server{conn: conn, handover: handover{port: f}}
 	for {
-		st, err := conn.Accept(ctx)
+		st, err := s.accept(ctx)
 		if err != nil {
 			return fmt.Errorf("accept: %w", err)
 		}
@@ -122,7 +123,8 @@ func findPort(name string) (string, error) {
 }
 
 type server struct {
-	conn *proto.Conn
+	conn *proto.Conn // replaced by a handoff: read it with current()
+	handover
 }
 
 func (s *server) handle(st *proto.Stream) {
@@ -143,6 +145,13 @@ func (s *server) handle(st *proto.Stream) {
 		writeFile(st, h.File)
 	case proto.KindListFiles:
 		listFiles(st, h.File)
+	case proto.KindHandoff:
+		s.handoff(st)
+	case proto.KindResume:
+		thawWorkload()
+		st.SendMsg(proto.Encode(proto.StreamMsg{Type: proto.MsgResult}))
+	case proto.KindMount:
+		mount(st, h.Mount)
 	case proto.KindShutdown:
 		st.SendMsg(proto.Encode(proto.StreamMsg{Type: proto.MsgResult}))
 		st.Close()

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -38,7 +39,15 @@ func configureNet(c *proto.NetConfig) error {
 			return fmt.Errorf("mac %q: %w", c.MAC, err)
 		}
 	}
-	// Down first so that a new MAC can be set on a restored guest.
+	// A restored guest's interface is up with the snapshot's MAC:
+	// virtio-net changes it live, so the link, its address and routes
+	// stay (a down/up cycle costs tens of ms under TCG).
+	if mac != nil && ifc.Flags&net.FlagUp != 0 {
+		if bytes.Equal(ifc.HardwareAddr, mac) || nlSetAddress(ifc.Index, mac) == nil {
+			mac = nil
+		}
+	}
+	// Otherwise down first, so that a new MAC can be set.
 	if mac != nil {
 		if err := nlLinkSet(ifc.Index, 0, c.MTU, mac); err != nil {
 			return fmt.Errorf("link set: %w", err)
@@ -122,6 +131,15 @@ func nlLinkSet(index int, flags uint32, mtu int, mac net.HardwareAddr) error {
 	if mac != nil {
 		b = append(b, rtattr(unix.IFLA_ADDRESS, mac)...)
 	}
+	return nlRequest(unix.RTM_NEWLINK, 0, b)
+}
+
+// nlSetAddress sets the MAC of a link without touching its flags.
+func nlSetAddress(index int, mac net.HardwareAddr) error {
+	b := make([]byte, unix.SizeofIfInfomsg)
+	b[0] = unix.AF_UNSPEC
+	binary.NativeEndian.PutUint32(b[4:], uint32(index))
+	b = append(b, rtattr(unix.IFLA_ADDRESS, mac)...)
 	return nlRequest(unix.RTM_NEWLINK, 0, b)
 }
 

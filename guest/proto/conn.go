@@ -68,6 +68,12 @@ type Config struct {
 	Role string
 	// Info is sent in Hello (optional).
 	Info map[string]string
+	// AwaitHello makes Handshake wait for the peer's Hello before sending
+	// ours (responder mode). A guest whose connection was handed over
+	// waits like this for the next host: that host's Hello, not ours,
+	// starts the new connection, so a guest restored from a snapshot
+	// answers whichever host connects to it.
+	AwaitHello bool
 }
 
 func (cfg Config) normalize() (Config, error) {
@@ -258,9 +264,13 @@ func (c *Conn) Handshake(ctx context.Context) (Hello, error) {
 	}
 
 	// Write and read concurrently: on a synchronous transport (net.Pipe)
-	// both sides writing first would deadlock.
+	// both sides writing first would deadlock. With AwaitHello we write
+	// once the peer's Hello has arrived.
 	werr := make(chan error, 1)
-	go func() { werr <- c.writeFrame(nil, FrameHello, 0, -1, ours) }()
+	sendHello := func() { go func() { werr <- c.writeFrame(nil, FrameHello, 0, -1, ours) }() }
+	if !c.cfg.AwaitHello {
+		sendHello()
+	}
 	type helloResult struct {
 		h   Hello
 		err error
@@ -277,6 +287,11 @@ func (c *Conn) Handshake(ctx context.Context) (Hello, error) {
 		case err = <-werr:
 		case r := <-rres:
 			peer, err = r.h, r.err
+			if err == nil && c.cfg.AwaitHello {
+				if err = c.checkHello(peer); err == nil {
+					sendHello()
+				}
+			}
 		case <-ctx.Done():
 			err = fmt.Errorf("proto: handshake: %w", ctx.Err())
 		case <-c.done:
@@ -355,6 +370,14 @@ func (c *Conn) readError(err error) error {
 
 // Done is closed when the connection has ended.
 func (c *Conn) Done() <-chan struct{} { return c.done }
+
+// NumStreams returns the number of live streams, opened by either side
+// and not yet finished: a connection with none is idle.
+func (c *Conn) NumStreams() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.streams)
+}
 
 // Err returns why the connection ended, or nil while it is alive. After
 // Close it is ErrClosed; after a protocol violation it matches ErrProtocol.

@@ -17,6 +17,19 @@ const (
 	KindWriteFile = "write_file" // host → guest: write the bytes sent on Stdin
 	KindListFiles = "list_files" // host → guest: directory listing
 	KindShutdown  = "shutdown"   // host → guest: sync and power off
+	// KindMount mounts a share or volume; a "fuse" mount is then served
+	// on the stream (host → guest).
+	KindMount = "mount"
+	// KindHandoff ends the connection at a point both sides agree on, so
+	// that the VM can be snapshotted with nothing in flight. The guest
+	// freezes the workload's processes and answers MsgResult; the host's
+	// Close of the stream is its last frame on this connection; the guest
+	// then stops reading, sends its own Close (its last frame) and waits,
+	// with Config.AwaitHello, for a new host's Hello on the same port.
+	KindHandoff = "handoff"
+	// KindResume thaws the processes frozen by a handoff (a setup on an
+	// already assembled guest does so too, after applying the identity).
+	KindResume = "resume"
 )
 
 // OpenHeader is the header of every stream. Exactly one of the request
@@ -26,6 +39,7 @@ type OpenHeader struct {
 	Setup *SetupRequest `json:"setup,omitempty"`
 	Exec  *ExecRequest  `json:"exec,omitempty"`
 	File  *FileRequest  `json:"file,omitempty"`
+	Mount *MountRequest `json:"mount,omitempty"`
 }
 
 // SetupRequest configures a freshly booted (or restored) guest.
@@ -64,6 +78,12 @@ type SetupFile struct {
 	Path string `json:"path"`
 	Mode uint32 `json:"mode"`
 	Data []byte `json:"data"`
+	// Append keeps the file's current content (a missing file is empty)
+	// and adds Data after it. Data's first line marks the block: if the
+	// current content already has that line, it and everything after it
+	// are dropped first, so a setup repeated on a restored guest replaces
+	// the block instead of adding another (CA bundles).
+	Append bool `json:"append,omitempty"`
 }
 
 // SetupResult is the guest's answer to setup.
@@ -91,6 +111,29 @@ type ExecRequest struct {
 type FileRequest struct {
 	Path string `json:"path"`
 	Mode uint32 `json:"mode,omitempty"` // write_file: permission bits (default 0644)
+}
+
+// MountRequest mounts something at Target after the root is assembled.
+// The guest answers MsgResult once it is mounted (or MsgError). For Type
+// "fuse" the stream then carries the mount's filesystem requests (see
+// guest/proto/fsproto) until either side ends it.
+type MountRequest struct {
+	Type     string `json:"type"`   // "fuse", "ext4" (a block device) or "9p" (a virtio-9p tag)
+	Source   string `json:"source"` // ext4: device path; 9p: mount tag; fuse: a name shown in /proc/mounts
+	Target   string `json:"target"` // absolute path in the guest
+	ReadOnly bool   `json:"read_only,omitempty"`
+	// Overlay (fuse): the guest sees a writable copy-on-write view whose
+	// changes stay in the sandbox (upper layer on UpperDevice, or tmpfs).
+	Overlay     bool   `json:"overlay,omitempty"`
+	UpperDevice string `json:"upper_device,omitempty"`
+	// Owner (fuse) is who the host's files appear owned by: "uid:gid", a
+	// user[:group] name from the guest's /etc/passwd, or "" for root.
+	Owner string `json:"owner,omitempty"`
+	// CacheMillis (fuse) is how long the guest caches names and
+	// attributes; 0 means the agent's default.
+	CacheMillis int `json:"cache_ms,omitempty"`
+	// Options is extra mount data (9p, ext4).
+	Options string `json:"options,omitempty"`
 }
 
 // Msg types exchanged on a stream after it is open.
@@ -160,7 +203,11 @@ func DecodeOpenHeader(b []byte) (*OpenHeader, error) {
 		if h.File == nil || h.File.Path == "" {
 			return nil, fmt.Errorf("open header: %s without path", h.Kind)
 		}
-	case KindShutdown:
+	case KindMount:
+		if h.Mount == nil || h.Mount.Target == "" {
+			return nil, fmt.Errorf("open header: mount without target")
+		}
+	case KindShutdown, KindHandoff, KindResume:
 	default:
 		return nil, fmt.Errorf("open header: unknown kind %q", h.Kind)
 	}

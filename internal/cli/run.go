@@ -54,6 +54,11 @@ type runFlags struct {
 	kernel     string
 	accel      string
 	pull       string
+	snapshot   string                 // restore this snapshot (snapshot.go)
+	cold       bool                   // never restore a boot snapshot
+	changed    func(name string) bool // whether a flag was given
+	volumes    []string
+	workspace  string
 }
 
 func newRunCmd() *cobra.Command {
@@ -77,6 +82,7 @@ command could not be run / was not found.`,
 		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			f.entrySet = cmd.Flags().Changed("entrypoint")
+			f.changed = cmd.Flags().Changed
 			return runRun(cmd.Context(), f, args)
 		},
 	}
@@ -108,6 +114,10 @@ command could not be run / was not found.`,
 	fl.StringVar(&f.kernel, "kernel", "", "guest kernel (default: $MATCHLOCK_KERNEL, else the built one)")
 	fl.StringVar(&f.accel, "accel", "", "acceleration: kvm or tcg (default: detect)")
 	fl.StringVar(&f.pull, "pull", "missing", "pull policy: always, missing or never")
+	fl.StringVar(&f.snapshot, "snapshot", "", "restore a new sandbox from this snapshot instead of booting (see 'matchlock snapshot')")
+	fl.BoolVar(&f.cold, "cold", false, "boot from scratch instead of restoring the cached boot snapshot (--rm runs)")
+	fl.StringArrayVarP(&f.volumes, "volume", "v", nil, "share HOST_DIR:GUEST_PATH[:ro|:overlay][,uid=N,gid=N], or attach @VOLUME:GUEST_PATH[:ro]")
+	fl.StringVar(&f.workspace, "workspace", "", "share HOST_DIR read-write at /workspace (-v HOST_DIR:/workspace)")
 	return cmd
 }
 
@@ -123,7 +133,7 @@ const (
 func failure(err error) error { return &ExitError{Code: exitFailure, Err: err} }
 
 func runRun(ctx context.Context, f *runFlags, args []string) error {
-	if f.image == "" {
+	if f.image == "" && f.snapshot == "" {
 		return failure(errors.New("run: --image is required (for example --image busybox)"))
 	}
 	if f.cpus < 1 {
@@ -171,6 +181,9 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 		NoNetwork: f.noNetwork, AllowHosts: splitLists(f.allowHost), AllowPrivate: splitLists(f.allowPriv),
 		AddHosts: f.addHosts,
 		Secrets:  secrets,
+	}
+	if err := addMounts(&opts, f.volumes, f.workspace); err != nil {
+		return failure(fmt.Errorf("run: %w", err))
 	}
 	if f.noNetwork && (len(opts.AllowHosts) > 0 || len(opts.Secrets) > 0) {
 		return failure(errors.New("run: --no-network cannot be combined with --allow-host or --secret"))
@@ -224,17 +237,23 @@ func runRun(ctx context.Context, f *runFlags, args []string) error {
 		timeoutC = t.C
 	}
 
+	release, err := restoreOptions(f, &opts)
+	if err != nil {
+		return failure(fmt.Errorf("run: %w", err))
+	}
+	defer release()
 	if !f.rm || f.detach {
 		return runLongLived(ctx, f, opts, spec, ports, bootDone, sigs, timeoutC)
 	}
 
 	opts.Images = imageSource(f.pull)
 	opts.Notice = func(s string) { fmt.Fprintln(os.Stderr, "matchlock: "+s) }
-	sb, err := sandbox.New(ctx, opts)
+	sb, releaseBoot, err := boot(ctx, f, opts)
 	close(bootDone)
 	if err != nil {
 		return bootFailure(err)
 	}
+	defer releaseBoot()
 	defer sb.Close()
 	for _, p := range ports {
 		if _, err := sb.Publish(p); err != nil {
@@ -356,7 +375,7 @@ func runLongLived(ctx context.Context, f *runFlags, opts sandbox.Options, spec s
 		close(bootDone)
 		return failure(err)
 	}
-	cfg := supervisor.Config{ID: id, Name: f.name, Options: opts, Pull: f.pull, Publish: ports}
+	cfg := supervisor.Config{ID: id, Name: f.name, Options: opts, Pull: f.pull, Publish: ports, Snapshot: f.snapshot}
 	if f.detach && len(spec.Args) > 0 || f.detach && spec.Entrypoint != nil {
 		cfg.Command = &spec
 	}

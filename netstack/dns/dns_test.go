@@ -139,6 +139,7 @@ func newTestResponder(t testing.TB, allow, private []string) (*Responder, *fakeR
 		"synthetic.test":   addrs("198.18.0.7"),
 		"empty.test":       nil,
 		"localhost.test":   addrs("127.0.0.1"),
+		"privonly.test":    addrs("127.0.0.1"),
 		"port.test":        addrs("203.0.113.40"),
 		"denied.test":      addrs("203.0.113.50"),
 		"nonexistent.test": nil,
@@ -157,8 +158,9 @@ func newTestResponder(t testing.TB, allow, private []string) (*Responder, *fakeR
 func TestAnswer(t *testing.T) {
 	r, res, _ := newTestResponder(t,
 		[]string{"api.openai.com", "*.example.com", "internal.test", "mixed.test", "meta.test", "mapped.test",
-			"v6only.test", "synthetic.test", "empty.test", "broken.test", "nonexistent.test", "port.test:8443"},
-		[]string{"localhost.test:8080"})
+			"v6only.test", "synthetic.test", "empty.test", "broken.test", "nonexistent.test", "port.test:8443",
+			"localhost.test:8080"},
+		[]string{"localhost.test:8080", "privonly.test"})
 	tests := []struct {
 		name    string
 		typ     dnsmessage.Type
@@ -188,6 +190,8 @@ func TestAnswer(t *testing.T) {
 		{"nonexistent.test.", dnsmessage.TypeA, dnsmessage.RCodeNameError, false, true, false},
 		{"broken.test.", dnsmessage.TypeA, dnsmessage.RCodeServerFailure, false, true, false},
 		{"localhost.test.", dnsmessage.TypeA, dnsmessage.RCodeSuccess, true, true, true},
+		// allow-private alone allows nothing: not even looked up.
+		{"privonly.test.", dnsmessage.TypeA, dnsmessage.RCodeNameError, false, false, false},
 		{"port.test.", dnsmessage.TypeA, dnsmessage.RCodeSuccess, true, true, true},
 		{".", dnsmessage.TypeNS, dnsmessage.RCodeRefused, false, false, false},
 		{"1.0.213.10.in-addr.arpa.", dnsmessage.TypePTR, dnsmessage.RCodeNameError, false, false, false},

@@ -25,9 +25,11 @@
 // their IPv6 counterparts and IPv6 forms that embed such an IPv4 address) are
 // refused even when an allowed name resolves to them, unless the destination
 // is named by an --allow-private pattern (by name, or by address or prefix).
-// An --allow-private pattern also allows the destination, so
-// "--allow-private db.internal:5432" alone is enough to reach that port.
-// --allow-private refuses the bare "*" and /0 prefixes.
+// The two lists are checked separately: a connection needs an --allow-host
+// pattern (AllowName, AllowIP) and, when its destination is private, an
+// --allow-private pattern too (PrivateAllowed). An --allow-private pattern
+// alone allows nothing. --allow-private refuses the bare "*" and /0
+// prefixes.
 //
 // A Policy is safe for concurrent use. Its rules may be changed while a
 // sandbox runs (Add, Remove, AddPrivate, RemovePrivate); readers never block:
@@ -308,8 +310,9 @@ func matchIP(r *rule, ip netip.Addr) bool {
 	return false
 }
 
-// AllowName reports whether the policy allows connections to name on port.
-// Port 0 never matches. An invalid name (see CanonicalName) never matches.
+// AllowName reports whether an --allow-host pattern allows connections to
+// name on port (the --allow-private list is not consulted). Port 0 never
+// matches. An invalid name (see CanonicalName) never matches.
 func (p *Policy) AllowName(name string, port uint16) bool {
 	if port == 0 {
 		return false
@@ -329,30 +332,27 @@ func (p *Policy) allowName(name string, portOK func(*rule) bool) bool {
 		return false
 	}
 	s := p.load()
-	for _, list := range [2][]rule{s.allow, s.private} {
-		for i := range list {
-			if portOK(&list[i]) && matchName(&list[i], n) {
-				return true
-			}
+	for i := range s.allow {
+		if portOK(&s.allow[i]) && matchName(&s.allow[i], n) {
+			return true
 		}
 	}
 	return false
 }
 
-// AllowIP reports whether the policy allows connections to ip on port by
-// address. It says nothing about private ranges: callers must also refuse
-// IsPrivate addresses unless PrivateAllowed. Port 0 never matches.
+// AllowIP reports whether an --allow-host pattern allows connections to ip
+// on port by address (the --allow-private list is not consulted). It says
+// nothing about private ranges: callers must also refuse IsPrivate addresses
+// unless PrivateAllowed. Port 0 never matches.
 func (p *Policy) AllowIP(ip netip.Addr, port uint16) bool {
 	ip, ok := matchableIP(ip)
 	if !ok || port == 0 {
 		return false
 	}
 	s := p.load()
-	for _, list := range [2][]rule{s.allow, s.private} {
-		for i := range list {
-			if list[i].portOK(port) && matchIP(&list[i], ip) {
-				return true
-			}
+	for i := range s.allow {
+		if s.allow[i].portOK(port) && matchIP(&s.allow[i], ip) {
+			return true
 		}
 	}
 	return false
@@ -360,6 +360,7 @@ func (p *Policy) AllowIP(ip netip.Addr, port uint16) bool {
 
 // PrivateAllowed reports whether an --allow-private pattern names the
 // destination: host (a name, "" when connecting by address) or ip, on port.
+// It does not allow the destination by itself (see AllowName, AllowIP).
 func (p *Policy) PrivateAllowed(host string, ip netip.Addr, port uint16) bool {
 	if port == 0 {
 		return false

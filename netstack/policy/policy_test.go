@@ -275,10 +275,10 @@ func TestAllowName(t *testing.T) {
 		{"single.", 1, true},
 		{"single.x", 1, false},
 
-		// allow-private patterns also allow the name.
-		{"db.internal", 5432, true},
+		// allow-private patterns alone do not allow the name.
+		{"db.internal", 5432, false},
 		{"db.internal", 5433, false},
-		{"x.corp.internal", 22, true},
+		{"x.corp.internal", 22, false},
 		{"corp.internal", 22, false},
 
 		// Numeric spellings are not names.
@@ -297,7 +297,7 @@ func TestAllowName(t *testing.T) {
 	}{
 		{"port.test", true},
 		{"a.ports.test", true},
-		{"db.internal", true},
+		{"db.internal", false}, // allow-private only
 		{"nope.test", false},
 		{"example.com", false},
 		{"", false},
@@ -357,9 +357,9 @@ func TestAllowIP(t *testing.T) {
 		{"2001:db8::2", 443, false},
 		{"2001:db8:1:ffff::1", 80, true},
 		{"2001:db8:2::1", 80, false},
-		{"10.1.2.3", 22, true}, // from allow-private
+		{"10.1.2.3", 22, false}, // allow-private alone allows nothing
 		{"10.1.2.3", 23, false},
-		{"192.168.44.1", 80, true},
+		{"192.168.44.1", 80, false},
 		{"8.8.8.8", 53, false},
 	}
 	for _, tt := range tests {

@@ -48,6 +48,8 @@ type Machine struct {
 
 	stderr syncBuffer // QEMU's own diagnostics, for error messages
 
+	snap snapState // snapshot support (snapshot.go)
+
 	waitOnce sync.Once
 	waitErr  error
 	done     chan struct{}
@@ -125,11 +127,23 @@ func (b *Backend) start(ctx context.Context, spec vmm.Spec) (*Machine, error) {
 		extra = append(extra, spec.Net.Conn)
 	}
 	args := Args(spec, 3, 4, netFD)
+	memfd, memArgs, err := memoryArgs(path, spec, 3+len(extra))
+	if err != nil {
+		ctlHost.Close()
+		qmpHost.Close()
+		return nil, err
+	}
+	if memfd != nil {
+		defer memfd.Close() // the Machine keeps its own copy
+		extra = append(extra, memfd)
+	}
+	args = append(args, memArgs...)
 
 	cmd := exec.Command(path, args...)
 	cmd.ExtraFiles = extra
 	cmd.Stdin = nil
 	m := &Machine{cmd: cmd, done: make(chan struct{})}
+	m.snap.init(path, spec, memfd)
 	if spec.ConsoleLog != nil {
 		cmd.Stdout = spec.ConsoleLog
 	}
@@ -142,6 +156,7 @@ func (b *Backend) start(ctx context.Context, spec vmm.Spec) (*Machine, error) {
 	if err := spawn(cmd); err != nil {
 		ctlHost.Close()
 		qmpHost.Close()
+		m.snap.close()
 		return nil, fmt.Errorf("qemu: start: %w", err)
 	}
 	m.control, err = net.FileConn(ctlHost)
@@ -169,8 +184,16 @@ func (b *Backend) start(ctx context.Context, spec vmm.Spec) (*Machine, error) {
 		m.waitErr = err
 		m.control.Close()
 		m.qmp.Close()
+		m.snap.close()
 		close(m.done)
 	}()
+	if spec.RestoreFrom != "" {
+		if err := m.incoming(ctx, spec.RestoreFrom); err != nil {
+			m.Kill()
+			<-m.done
+			return nil, err
+		}
+	}
 	return m, nil
 }
 
@@ -214,10 +237,15 @@ func Args(spec vmm.Spec, ctlFD, qmpFD, netFD int) []string {
 		}
 	}
 	cmdline = append(cmdline, spec.Cmdline...)
+	if spec.RestoreFrom == "" {
+		// A restored machine must not load the kernel again: QEMU would
+		// write its pristine image over the running guest's memory.
+		a = append(a,
+			"-kernel", spec.Kernel,
+			"-initrd", spec.Initrd,
+			"-append", strings.Join(cmdline, " "))
+	}
 	a = append(a,
-		"-kernel", spec.Kernel,
-		"-initrd", spec.Initrd,
-		"-append", strings.Join(cmdline, " "),
 		"-chardev", "stdio,id=con0,signal=off",
 		"-serial", "chardev:con0",
 		"-chardev", fmt.Sprintf("socket,id=ctl0,fd=%d,server=off", ctlFD),
@@ -238,6 +266,13 @@ func Args(spec vmm.Spec, ctlFD, qmpFD, netFD int) []string {
 		}
 		a = append(a, "-drive", opt, "-device", "virtio-blk-device,drive="+id)
 	}
+	for i, sh := range spec.Shares {
+		opt := fmt.Sprintf("local,id=fs%d,path=%s,security_model=none", i, escapeComma(sh.Path))
+		if sh.ReadOnly {
+			opt += ",readonly=on"
+		}
+		a = append(a, "-fsdev", opt, "-device", fmt.Sprintf("virtio-9p-device,fsdev=fs%d,mount_tag=%s", i, escapeComma(sh.Tag)))
+	}
 	if spec.Net != nil && netFD >= 0 {
 		dev := "virtio-net-device,netdev=net0"
 		if spec.Net.MAC != "" {
@@ -246,9 +281,11 @@ func Args(spec vmm.Spec, ctlFD, qmpFD, netFD int) []string {
 		if spec.Net.MTU > 0 {
 			dev += ",host_mtu=" + strconv.Itoa(spec.Net.MTU)
 		}
-		a = append(a,
-			"-netdev", fmt.Sprintf("stream,id=net0,server=off,addr.type=fd,addr.str=%d", netFD),
-			"-device", dev)
+		netdev := fmt.Sprintf("stream,id=net0,server=off,addr.type=fd,addr.str=%d", netFD)
+		if spec.Net.Slirp { // benchmark baseline only (vmm.Net.Slirp)
+			netdev = "user,id=net0,net=10.213.0.0/24,host=10.213.0.1,dns=10.213.0.3"
+		}
+		a = append(a, "-netdev", netdev, "-device", dev)
 	}
 	return a
 }

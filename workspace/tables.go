@@ -1,0 +1,179 @@
+package workspace
+
+import (
+	"golang.org/x/sys/unix"
+)
+
+// getNode returns node id with a reference that keeps its descriptor open;
+// the caller must putNode it.
+func (s *Server) getNode(id uint64) (*node, unix.Errno) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, unix.EIO
+	}
+	n := s.nodes[id]
+	if n == nil {
+		return nil, unix.ESTALE
+	}
+	n.refs++
+	return n, 0
+}
+
+// getDir is getNode for a node that must be a directory.
+func (s *Server) getDir(id uint64) (*node, unix.Errno) {
+	n, e := s.getNode(id)
+	if e != 0 {
+		return nil, e
+	}
+	if n.typ != unix.S_IFDIR {
+		s.putNode(n)
+		return nil, unix.ENOTDIR
+	}
+	return n, 0
+}
+
+func (s *Server) putNode(n *node) {
+	s.mu.Lock()
+	n.refs--
+	if n.dead && n.refs == 0 {
+		s.closeNodeLocked(n)
+	}
+	s.mu.Unlock()
+}
+
+func (s *Server) closeNodeLocked(n *node) {
+	if n.fd >= 0 {
+		if n.id == RootNode {
+			unix.Close(n.fd) // not counted in fdsHeld
+		} else {
+			closeFd(n.fd)
+		}
+		n.fd = -1
+	}
+}
+
+// addNode records a lookup of the inode open as fd (an O_PATH descriptor
+// that the caller passes on) and returns its node with one more lookup
+// reference. A known inode keeps its node: fd is then closed.
+func (s *Server) addNode(fd int, st *unix.Stat_t) (uint64, unix.Errno) {
+	key := inoKey{st.Dev, st.Ino}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		unix.Close(fd)
+		return 0, unix.EIO
+	}
+	if n := s.byIno[key]; n != nil {
+		unix.Close(fd)
+		n.nlookup++
+		return n.id, 0
+	}
+	if len(s.nodes) >= s.cfg.MaxNodes || fdsHeld.Load() >= fdBudget() {
+		unix.Close(fd)
+		return 0, unix.ENFILE
+	}
+	fdsHeld.Add(1)
+	n := &node{id: s.nextNode, fd: fd, typ: st.Mode & unix.S_IFMT, key: key, nlookup: 1}
+	s.nextNode++
+	s.nodes[n.id] = n
+	s.byIno[key] = n
+	return n.id, 0
+}
+
+// forget drops count lookup references of node id. The root is never
+// forgotten; unknown nodes are ignored (the kernel may forget a node
+// whose lookup reply we never sent).
+func (s *Server) forget(id, count uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := s.nodes[id]
+	if n == nil || id == RootNode {
+		return
+	}
+	if count >= n.nlookup {
+		n.nlookup = 0
+	} else {
+		n.nlookup -= count
+		return
+	}
+	delete(s.nodes, id)
+	if s.byIno[n.key] == n {
+		delete(s.byIno, n.key)
+	}
+	n.dead = true
+	if n.refs == 0 {
+		s.closeNodeLocked(n)
+	}
+}
+
+// addHandle registers an open descriptor (passed on by the caller).
+func (s *Server) addHandle(fd int, dir bool) (uint64, unix.Errno) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		unix.Close(fd)
+		return 0, unix.EIO
+	}
+	if len(s.handles) >= s.cfg.MaxHandles || fdsHeld.Load() >= fdBudget() {
+		unix.Close(fd)
+		return 0, unix.EMFILE
+	}
+	fdsHeld.Add(1)
+	fh := s.nextFh
+	s.nextFh++
+	s.handles[fh] = &handle{fd: fd, dir: dir}
+	return fh, 0
+}
+
+// getHandle returns handle fh, which must be a directory handle if dir
+// (and a file handle otherwise), with a reference; putHandle releases it.
+func (s *Server) getHandle(fh uint64, dir bool) (*handle, unix.Errno) {
+	h, e := s.getAnyHandle(fh)
+	if e != 0 {
+		return nil, e
+	}
+	if h.dir != dir {
+		s.putHandle(h)
+		return nil, unix.EBADF
+	}
+	return h, 0
+}
+
+func (s *Server) getAnyHandle(fh uint64) (*handle, unix.Errno) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, unix.EIO
+	}
+	h := s.handles[fh]
+	if h == nil {
+		return nil, unix.EBADF
+	}
+	h.refs++
+	return h, 0
+}
+
+func (s *Server) putHandle(h *handle) {
+	s.mu.Lock()
+	h.refs--
+	if h.dead && h.refs == 0 {
+		closeFd(h.fd)
+	}
+	s.mu.Unlock()
+}
+
+// release closes handle fh once no request uses it.
+func (s *Server) release(fh uint64, dir bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := s.handles[fh]
+	if h == nil || h.dir != dir {
+		return
+	}
+	delete(s.handles, fh)
+	h.dead = true
+	if h.refs == 0 {
+		closeFd(h.fd)
+	}
+}
