@@ -10,6 +10,9 @@ $ML image inspect busybox:latest >/dev/null 2>&1 ||
 echo "== start-up, control channel, idle memory"
 go run ./bench/startup -bin "$ML" -image busybox:latest -n "${N:-15}"
 
+echo "== snapshots: cold vs restore vs 4 forks"
+go run ./bench/snapshot -bin "$ML" -image busybox:latest
+
 for b in bench/*.sh; do
   case "$b" in bench/run.sh) continue ;; esac
   echo "== $b"
