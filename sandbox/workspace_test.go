@@ -319,9 +319,9 @@ func TestShareEscape(t *testing.T) {
 
 	sb := newShareSandbox(t, Options{Mounts: []Mount{{Source: share, Target: "/workspace"}}})
 	installGuestCheck(t, sb)
-	out, code := gsh(t, sb, "guestcheck find /workspace "+token+"; cat /workspace/../outside/secret /workspace/up/secret /workspace/rel/secret /workspace/file 2>&1")
+	out, _ := gsh(t, sb, "guestcheck find /workspace "+token+"; cat /workspace/../outside/secret /workspace/up/secret /workspace/rel/secret /workspace/file 2>&1")
 	t.Log(out)
-	if code != 0 || strings.Contains(strings.ReplaceAll(out, "find "+token, ""), token) {
+	if strings.Contains(out, "FAIL") || !strings.Contains(out, "ok find") || strings.Contains(strings.ReplaceAll(out, "find "+token, ""), token) {
 		t.Fatal("the guest reached the outside file")
 	}
 
@@ -341,7 +341,7 @@ func TestShareEscape(t *testing.T) {
 			flips.Add(1)
 		}
 	}()
-	out, code = gsh(t, sb, "guestcheck race /workspace 3000")
+	out, code := gsh(t, sb, "guestcheck race /workspace 3000")
 	stop.Store(true)
 	<-done
 	t.Logf("%s(%d flips on the host)", out, flips.Load())
@@ -394,7 +394,9 @@ func TestShare9P(t *testing.T) {
 		{Source: dir, Target: "/fuse"},
 		{Source: dir, Target: "/9p", Transport: "9p"},
 	}})
-	out := mustSh(t, sb, "cat /9p/f /fuse/f; echo w > /9p/g; cat /fuse/g; grep -E ' /(9p|fuse) ' /proc/mounts")
+	// (9p with cache=loose keeps its writes in the guest's page cache for a
+	// while: write through the FUSE share, read through 9p.)
+	out := mustSh(t, sb, "cat /9p/f /fuse/f; echo w > /fuse/g; cat /9p/g; grep -E ' /(9p|fuse) ' /proc/mounts")
 	if strings.Count(out, "nine") != 2 || !strings.Contains(out, "w\n") || !strings.Contains(out, " 9p ") {
 		t.Fatalf("guest output:\n%s", out)
 	}

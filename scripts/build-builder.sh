@@ -83,5 +83,7 @@ mkdir -p "$out.tmp"
 tar -C "$root" --numeric-owner --owner=0 --group=0 -cf "$out.tmp/builder.tar" .
 rm -rf "$out" && mv "$out.tmp" "$out"
 ln -sfn "$hash" "$DIR/current"
+# Older builders are superseded (their store copies go with 'image prune').
+for d in "$DIR"/*/; do d=${d%/}; [ "${d##*/}" = "$hash" ] || rm -rf "$d"; done
 log "built $out/builder.tar ($(du -h "$out/builder.tar" | cut -f1)) in $((SECONDS - t0)) s"
 echo "$out/builder.tar"

@@ -43,6 +43,7 @@ func logf(format string, args ...any) {
 }
 
 func powerOff() {
+	freezeVolumes() // volumes outlive the VM: leave their ext4 clean (fusemount.go)
 	unix.Sync()
 	// With -no-reboot, a reboot makes QEMU exit; a halt would not.
 	unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)

@@ -105,7 +105,7 @@ command could not be run / was not found.`,
 	fl.BoolVarP(&f.detach, "detach", "d", false, "start the sandbox in the background and print its ID")
 	fl.StringVar(&f.name, "name", "", "name the sandbox (usable wherever an ID is)")
 	fl.StringArrayVar(&f.allowHost, "allow-host", nil, "allow egress to a host pattern (repeatable, comma lists): name, *.domain, name:port, *, IP, CIDR[:port]")
-	fl.StringArrayVar(&f.allowPriv, "allow-private", nil, "allow a private/loopback destination HOST[:PORT] (refused by default even when allowed)")
+	fl.StringArrayVar(&f.allowPriv, "allow-private", nil, "also allow HOST[:PORT] when it is private/loopback (it must be allowed by --allow-host too)")
 	fl.StringArrayVarP(&f.publish, "publish", "p", nil, "forward [HOST_IP:]HOST_PORT:GUEST_PORT into the guest (host IP default 127.0.0.1)")
 	fl.BoolVar(&f.noNetwork, "no-network", false, "no network interface at all")
 	fl.StringArrayVar(&f.addHosts, "add-host", nil, "resolve NAME to IP on the host side (NAME:IP); the policy still applies")
@@ -330,19 +330,11 @@ func validEnvName(s string) bool {
 	return true
 }
 
+// printNetEvent prints one network decision (connections, refusals, DNS
+// answers, and the secrets proxy's TLS interceptions, substitutions and
+// blocks) on stderr.
 func printNetEvent(e netstack.Event) {
-	dest := e.Name
-	if dest == "" {
-		dest = e.IP.String()
-	}
-	line := fmt.Sprintf("matchlock: net %s %s %s:%d", e.Verdict, e.Proto, dest, e.Port)
-	if e.Reason != "" {
-		line += " (" + e.Reason + ")"
-	}
-	if e.Closed {
-		line += fmt.Sprintf(" closed up=%dB down=%dB", e.BytesUp, e.BytesDown)
-	}
-	fmt.Fprintln(os.Stderr, line)
+	fmt.Fprintln(os.Stderr, "matchlock: net "+e.String())
 }
 
 func bootFailure(err error) error {
