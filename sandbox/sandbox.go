@@ -292,6 +292,28 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 
 	bootCtx, cancel := context.WithTimeout(ctx, opts.BootTimeout)
 	defer cancel()
+	res, err := s.connect(ctx, bootCtx, cancel, tr, tail, &proto.SetupRequest{
+		Hostname: hostname, RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
+		Net: guestNet, Files: caFiles,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if res.Error != "" {
+		return nil, fmt.Errorf("guest setup: %s", res.Error)
+	}
+	if err := s.startMounts(bootCtx); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// connect speaks to a freshly started (or restored) machine: it waits for
+// the agent's Hello within bootCtx (cancelled early if the VM dies), then
+// sends setup with this sandbox's identity — host clock and fresh host
+// entropy, so that no two sandboxes (or forks) share either.
+func (s *Sandbox) connect(ctx, bootCtx context.Context, cancel context.CancelFunc, tr *tracer, tail *tailBuffer, req *proto.SetupRequest) (*proto.SetupResult, error) {
+	m := s.machine
 	go func() {
 		// A guest that dies during boot must not leave us waiting.
 		select {
@@ -305,27 +327,21 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		return nil, s.bootError(ctx, bootCtx, err, tail)
 	}
 	tr.mark("agent hello")
-	entropy := make([]byte, 64)
-	rand.Read(entropy)
-	res, err := s.call(bootCtx, proto.OpenHeader{Kind: proto.KindSetup, Setup: &proto.SetupRequest{
-		Hostname: hostname, UnixNano: time.Now().UnixNano(), Entropy: entropy,
-		RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
-		Net: guestNet, Files: caFiles,
-	}})
+	req.Entropy = make([]byte, 64)
+	rand.Read(req.Entropy)
+	req.UnixNano = time.Now().UnixNano()
+	res, err := s.call(bootCtx, proto.OpenHeader{Kind: proto.KindSetup, Setup: req})
 	if err != nil {
 		return nil, s.bootError(ctx, bootCtx, err, tail)
 	}
-	if res.Setup != nil && res.Setup.Error != "" {
-		return nil, fmt.Errorf("guest setup: %s", res.Setup.Error)
-	}
 	tr.mark("setup")
-	if err := s.startMounts(bootCtx); err != nil {
-		return nil, err
+	if res.Setup == nil {
+		return nil, errors.New("guest setup: no result")
 	}
-	if tr.on && res.Setup != nil {
+	if tr.on {
 		fmt.Fprintf(os.Stderr, "trace: guest %v\n", res.Setup.Timings)
 	}
-	return s, nil
+	return res.Setup, nil
 }
 
 func (s *Sandbox) bootError(ctx, bootCtx context.Context, err error, tail *tailBuffer) error {

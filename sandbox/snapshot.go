@@ -2,7 +2,6 @@ package sandbox
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -377,36 +376,17 @@ func restore(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 
 	bootCtx, cancel := context.WithTimeout(ctx, opts.BootTimeout)
 	defer cancel()
-	go func() {
-		select {
-		case <-machineDone(m):
-			cancel()
-		case <-bootCtx.Done():
-		}
-	}()
-	s.conn = proto.NewConn(s.snap.newLink(m.Control()), hostProtoConfig)
-	if _, err := s.conn.Handshake(bootCtx); err != nil {
-		return nil, s.bootError(ctx, bootCtx, err, tail)
-	}
-	tr.mark("agent hello")
 	// The identity of this copy: without it every copy would share the
 	// snapshot's clock, RNG state, name and addresses.
-	entropy := make([]byte, 64)
-	rand.Read(entropy)
-	res, err := s.call(bootCtx, proto.OpenHeader{Kind: proto.KindSetup, Setup: &proto.SetupRequest{
-		Hostname: hostname, UnixNano: time.Now().UnixNano(), Entropy: entropy,
-		RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
+	res, err := s.connect(ctx, bootCtx, cancel, tr, tail, &proto.SetupRequest{
+		Hostname: hostname, RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
 		Net: guestNet, Files: caFiles,
-	}})
+	})
 	if err != nil {
-		return nil, s.bootError(ctx, bootCtx, err, tail)
+		return nil, err
 	}
-	if res.Setup != nil && res.Setup.Error != "" {
-		return nil, fmt.Errorf("guest setup after restore: %s", res.Setup.Error)
-	}
-	tr.mark("setup")
-	if tr.on && res.Setup != nil {
-		fmt.Fprintf(os.Stderr, "trace: guest %v\n", res.Setup.Timings)
+	if res.Error != "" {
+		return nil, fmt.Errorf("guest setup after restore: %s", res.Error)
 	}
 	return s, nil
 }
