@@ -97,8 +97,11 @@ func startNetwork(opts Options, log func(netstack.Event)) (*network, error) {
 	if slirp {
 		mtu = 1500 // QEMU's user networking has no larger MTU
 	}
-	st, err := netstack.New(netstack.Config{Conn: host, MTU: uint32(mtu), GuestMAC: mac, Policy: pol, Log: log, Resolver: res,
-		Interceptor: n.intercept})
+	cfg := netstack.Config{Conn: host, MTU: uint32(mtu), GuestMAC: mac, Policy: pol, Log: log, Resolver: res}
+	if len(opts.Secrets) > 0 {
+		cfg.Interceptor = n.intercept // the proxy itself starts in startSecrets
+	}
+	st, err := netstack.New(cfg)
 	if err != nil {
 		host.Close()
 		vmEnd.Close()

@@ -34,6 +34,10 @@ type Mount struct {
 	// "uid:gid" or a user[:group] of the image. Default: the image's USER,
 	// else root. Changing a file's owner to anyone else fails with EPERM.
 	Owner string `json:"owner,omitempty"`
+	// CacheTTL is how long the guest trusts names and attributes before
+	// asking the host again, so how late it sees changes made on the host.
+	// Default 1 s.
+	CacheTTL time.Duration `json:"cache_ttl,omitempty"`
 	// Transport "9p" exports the directory with the VMM's virtio-9p
 	// instead, for comparisons: none of package workspace's containment
 	// or limits apply then, only QEMU's. Overlay is not available with it.
@@ -177,7 +181,8 @@ func (s *Sandbox) prepareMounts(opts *Options, firstDisk int) ([]vmm.Disk, []vmm
 		} else if !fi.IsDir() {
 			return nil, nil, fmt.Errorf("mount %s: not a directory", m.Source)
 		}
-		req := proto.MountRequest{Type: "fuse", Source: filepath.Base(dir), Target: target, Owner: m.Owner}
+		req := proto.MountRequest{Type: "fuse", Source: filepath.Base(dir), Target: target, Owner: m.Owner,
+			CacheMillis: int(m.CacheTTL.Milliseconds())}
 		if req.Owner == "" {
 			req.Owner = owner
 		}
@@ -280,7 +285,9 @@ func (s *Sandbox) startMounts(ctx context.Context) error {
 		s.mnt.mu.Unlock()
 		go func() {
 			defer s.mnt.serving.Done()
-			if err := srv.Serve(serveCtx, st); err != nil && !errors.Is(err, context.Canceled) && s.mnt.notice != nil {
+			// Only a guest breaking the protocol is news; the stream ends
+			// with the sandbox otherwise.
+			if err := srv.Serve(serveCtx, st); errors.Is(err, workspace.ErrMalformed) && s.mnt.notice != nil {
 				s.mnt.notice(fmt.Sprintf("share %s: %v", req.Target, err))
 			}
 		}()

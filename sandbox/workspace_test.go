@@ -421,3 +421,46 @@ func treeOf(t testing.TB, dir string) string {
 	})
 	return b.String()
 }
+
+func TestParseMountFlag(t *testing.T) {
+	for _, c := range []struct {
+		in  string
+		m   *Mount
+		v   *VolumeMount
+		bad bool
+	}{
+		{in: "/src:/workspace", m: &Mount{Source: "/src", Target: "/workspace"}},
+		{in: "./rel:/w:ro", m: &Mount{Source: "./rel", Target: "/w", Mode: MountReadOnly}},
+		{in: "/src:/w:overlay,uid=1000,gid=100", m: &Mount{Source: "/src", Target: "/w", Mode: MountOverlay, Owner: "1000:100"}},
+		{in: "/src:/w:uid=7", m: &Mount{Source: "/src", Target: "/w", Owner: "7"}},
+		{in: "@cache:/root/.cache", v: &VolumeMount{Name: "cache", Target: "/root/.cache"}},
+		{in: "@cache:/c:ro", v: &VolumeMount{Name: "cache", Target: "/c", ReadOnly: true}},
+		{in: "/src", bad: true},
+		{in: ":/w", bad: true},
+		{in: "/src:", bad: true},
+		{in: "/src:/w:ro,overlay", bad: true},
+		{in: "/src:/w:uid=x", bad: true},
+		{in: "/src:/w:bogus", bad: true},
+		{in: "@v:/w:overlay", bad: true},
+	} {
+		m, v, err := ParseMountFlag(c.in)
+		if c.bad {
+			if err == nil {
+				t.Errorf("%q: accepted", c.in)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%q: %v", c.in, err)
+			continue
+		}
+		if (c.m == nil) != (m == nil) || (c.m != nil && *c.m != *m) || (c.v == nil) != (v == nil) || (c.v != nil && *c.v != *v) {
+			t.Errorf("%q: got %+v %+v", c.in, m, v)
+		}
+	}
+	for _, target := range []string{"relative", "/", "/proc", "/sys/x", "/dev/shm"} {
+		if _, err := checkTarget(target); err == nil {
+			t.Errorf("target %q accepted", target)
+		}
+	}
+}

@@ -459,7 +459,6 @@ func (s *Server) create(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
 	}
 	fd, err := unix.Openat2(dir.fd, req.Name, &how)
-	created := err == nil
 	if err == unix.EEXIST && req.OFlags&unix.O_EXCL == 0 {
 		// An existing name: open it like OpOpen would, never through the
 		// name (it may be a FIFO or device by now), only as a node.
@@ -468,16 +467,15 @@ func (s *Server) create(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 		if e != 0 {
 			return out, e
 		}
-		return s.createReply(fd, n, out)
+		return s.createReply(req, fd, n, out)
 	}
 	if err != nil {
 		return out, toErrno(err)
 	}
-	if created {
-		var st unix.Stat_t
-		if unix.Fstat(fd, &st) == nil && st.Mode&0o7777 != perm {
-			unix.Fchmod(fd, perm)
-		}
+	// The host's umask must not take bits away.
+	var st0 unix.Stat_t
+	if unix.Fstat(fd, &st0) == nil && st0.Mode&0o7777 != perm {
+		unix.Fchmod(fd, perm)
 	}
 	// The node is the inode we just created, derived from its descriptor,
 	// not looked up again by name.
@@ -497,7 +495,7 @@ func (s *Server) create(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 		unix.Close(fd)
 		return out, e
 	}
-	return s.createReply(fd, id, out)
+	return s.createReply(req, fd, id, out)
 }
 
 // openExisting opens the regular file name in dir via its node.
@@ -537,19 +535,25 @@ func (s *Server) openExisting(dir *node, name string, flags int) (int, uint64, u
 	return fd, id, 0
 }
 
-// createReply registers fd as a handle and appends entry | fh. On error
-// the node's lookup reference is dropped again.
-func (s *Server) createReply(fd int, id uint64, out []byte) ([]byte, unix.Errno) {
+// createReply registers fd as a handle (or, with FlagNoHandle, closes it)
+// and appends entry | fh. On error the node's lookup reference is dropped
+// again.
+func (s *Server) createReply(req *fsproto.Request, fd int, id uint64, out []byte) ([]byte, unix.Errno) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		unix.Close(fd)
 		s.forget(id, 1)
 		return out, toErrno(err)
 	}
-	fh, e := s.addHandle(fd, false)
-	if e != 0 {
-		s.forget(id, 1)
-		return out, e
+	var fh uint64
+	if req.Flags&fsproto.FlagNoHandle != 0 {
+		unix.Close(fd)
+	} else {
+		var e unix.Errno
+		if fh, e = s.addHandle(fd, false); e != 0 {
+			s.forget(id, 1)
+			return out, e
+		}
 	}
 	a := toAttr(&st)
 	out = fsproto.AppendEntry(out, id, &a)
@@ -557,17 +561,17 @@ func (s *Server) createReply(fd int, id uint64, out []byte) ([]byte, unix.Errno)
 }
 
 func (s *Server) read(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
-	h, e := s.getHandle(req.Fh, false)
+	fd, _, done, e := s.openIO(req, ioRead)
 	if e != 0 {
 		return out, e
 	}
-	defer s.putHandle(h)
+	defer done()
 	size := int(req.Size)
 	out = slices.Grow(out, size)
 	buf := out[len(out) : len(out)+size]
 	got := 0
 	for got < size {
-		k, err := unix.Pread(h.fd, buf[got:], int64(req.Off)+int64(got))
+		k, err := unix.Pread(fd, buf[got:], int64(req.Off)+int64(got))
 		if err == unix.EINTR {
 			continue
 		}
@@ -586,60 +590,64 @@ func (s *Server) read(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 }
 
 func (s *Server) write(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
-	h, e := s.getHandle(req.Fh, false)
+	fd, _, done, e := s.openIO(req, ioWrite)
 	if e != 0 {
 		return out, e
 	}
-	defer s.putHandle(h)
-	done := 0
-	for done < len(req.Data) {
+	defer done()
+	n := 0
+	for n < len(req.Data) {
 		// With O_APPEND, Linux pwrite appends whatever the offset.
-		k, err := unix.Pwrite(h.fd, req.Data[done:], int64(req.Off)+int64(done))
+		k, err := unix.Pwrite(fd, req.Data[n:], int64(req.Off)+int64(n))
 		if err == unix.EINTR {
 			continue
 		}
 		if err != nil {
-			if done > 0 {
+			if n > 0 {
 				break
 			}
 			return out, toErrno(err)
 		}
-		done += k
+		n += k
 	}
-	return fsproto.AppendUint32(out, uint32(done)), 0
+	return fsproto.AppendUint32(out, uint32(n)), 0
 }
 
 func (s *Server) fsync(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
-	h, e := s.getHandle(req.Fh, req.Op == fsproto.OpFsyncdir)
+	kind := ioRead // fsync(2) works on a read-only descriptor too
+	if req.Op == fsproto.OpFsyncdir {
+		kind = ioDir
+	}
+	fd, _, done, e := s.openIO(req, kind)
 	if e != 0 {
 		return out, e
 	}
-	defer s.putHandle(h)
+	defer done()
 	if req.Flags&fsproto.FlagDatasync != 0 {
-		return out, toErrno(unix.Fdatasync(h.fd))
+		return out, toErrno(unix.Fdatasync(fd))
 	}
-	return out, toErrno(unix.Fsync(h.fd))
+	return out, toErrno(unix.Fsync(fd))
 }
 
 // readdir lists a directory handle from offset Off (a cookie of the host
 // filesystem, 0 for the start), filling at most Size bytes of the guest
 // kernel's buffer. With FlagPlus each entry but "." and ".." is looked up.
 func (s *Server) readdir(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
-	h, e := s.getHandle(req.Fh, true)
+	fd, dirMu, done, e := s.openIO(req, ioDir)
 	if e != 0 {
 		return out, e
 	}
-	defer s.putHandle(h)
-	h.dirMu.Lock()
-	defer h.dirMu.Unlock()
-	if _, err := unix.Seek(h.fd, int64(req.Off), 0); err != nil {
+	defer done()
+	dirMu.Lock()
+	defer dirMu.Unlock()
+	if _, err := unix.Seek(fd, int64(req.Off), 0); err != nil {
 		return out, toErrno(err)
 	}
 	plus := req.Flags&fsproto.FlagPlus != 0
 	budget := int(req.Size)
 	buf := make([]byte, 16<<10)
 	for {
-		k, err := unix.Getdents(h.fd, buf)
+		k, err := unix.Getdents(fd, buf)
 		if err == unix.EINTR {
 			continue
 		}
@@ -674,7 +682,7 @@ func (s *Server) readdir(req *fsproto.Request, out []byte) ([]byte, unix.Errno) 
 				return out, 0
 			}
 			if plus && d.Name != "." && d.Name != ".." {
-				s.direntEntry(h.fd, &d)
+				s.direntEntry(fd, &d)
 			}
 			out = fsproto.AppendDirent(out, &d, plus)
 			budget -= cost
@@ -818,12 +826,12 @@ func (s *Server) fallocate(req *fsproto.Request, out []byte) ([]byte, unix.Errno
 	if req.Off > 1<<62 || req.Size > 1<<62 {
 		return out, unix.EFBIG
 	}
-	h, e := s.getHandle(req.Fh, false)
+	fd, _, done, e := s.openIO(req, ioWrite)
 	if e != 0 {
 		return out, e
 	}
-	defer s.putHandle(h)
-	return out, toErrno(unix.Fallocate(h.fd, req.Mode, int64(req.Off), int64(req.Size)))
+	defer done()
+	return out, toErrno(unix.Fallocate(fd, req.Mode, int64(req.Off), int64(req.Size)))
 }
 
 func (s *Server) lseek(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
@@ -833,12 +841,12 @@ func (s *Server) lseek(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 	if req.Off > 1<<62 {
 		return out, unix.ENXIO
 	}
-	h, e := s.getHandle(req.Fh, false)
+	fd, _, done, e := s.openIO(req, ioRead)
 	if e != 0 {
 		return out, e
 	}
-	defer s.putHandle(h)
-	off, err := unix.Seek(h.fd, int64(req.Off), int(req.OFlags))
+	defer done()
+	off, err := unix.Seek(fd, int64(req.Off), int(req.OFlags))
 	if err != nil {
 		return out, toErrno(err)
 	}

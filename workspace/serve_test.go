@@ -279,3 +279,29 @@ func TestServeInFlightBound(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 }
+
+// TestServePressure: once the guest holds most of MaxNodes, replies carry
+// ReplyPressure (the guest then lets its kernel forget).
+func TestServePressure(t *testing.T) {
+	dir := t.TempDir()
+	for i := 0; i < 8; i++ {
+		os.WriteFile(filepath.Join(dir, fmt.Sprint(i)), nil, 0o644)
+	}
+	_, _, gs, _ := serve(t, Config{Dir: dir, MaxNodes: 8})
+	br := bufio.NewReader(gs.Reader(fsproto.ChanMetaReply))
+	var flags []uint16
+	for i := 0; i < 8; i++ {
+		gs.Write(fsproto.ChanMeta, fsproto.AppendRequest(nil, &fsproto.Request{Tag: uint32(i + 1), Op: fsproto.OpLookup, Node: RootNode, Name: fmt.Sprint(i)}))
+		var hb [12]byte
+		if _, err := io.ReadFull(br, hb[:]); err != nil {
+			t.Fatal(err)
+		}
+		h, _ := fsproto.DecodeReplyHead(hb[:], fsproto.MaxMetaReply)
+		io.CopyN(io.Discard, br, int64(h.BodyLen))
+		flags = append(flags, h.Flags)
+	}
+	// Nodes: the root plus one per lookup; 3/4 of 8 is reached at the 5th.
+	if flags[3] != 0 || flags[5] != fsproto.ReplyPressure {
+		t.Fatalf("flags %v", flags)
+	}
+}

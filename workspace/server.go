@@ -121,11 +121,26 @@ type node struct {
 	fd  int    // O_PATH, O_NOFOLLOW; immutable
 	typ uint32 // S_IFMT bits; an inode's type never changes
 	key inoKey
+	// For I/O without a handle (see openIO): ioMu guards iofd; dirMu
+	// serialises lseek+getdents on iofd[ioDir].
+	ioMu  sync.Mutex
+	iofd  [ioKinds]int // descriptor + 1; 0 = not open
+	dirMu sync.Mutex
 	// Guarded by Server.mu:
 	nlookup uint64 // references the guest kernel holds (lookups minus forgets)
 	refs    int    // requests using fd right now
 	dead    bool   // out of the tables; fd closed once refs is 0
 }
+
+// ioKind selects one of a node's I/O descriptors.
+type ioKind int
+
+const (
+	ioRead ioKind = iota
+	ioWrite
+	ioDir
+	ioKinds
+)
 
 // handle is an open file or directory.
 type handle struct {

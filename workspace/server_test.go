@@ -300,3 +300,71 @@ func TestLimits(t *testing.T) {
 		t.Fatalf("stats %+v", st)
 	}
 }
+
+// TestNodeIO: with Fh 0, I/O goes by node, on descriptors the node keeps
+// (the guest kernel then sends no OPEN or RELEASE); create can skip the
+// handle.
+func TestNodeIO(t *testing.T) {
+	c := newTC(t, Config{})
+	b := c.must(&fsproto.Request{Op: fsproto.OpCreate, Flags: fsproto.FlagNoHandle, Node: RootNode, Name: "f", OFlags: unix.O_WRONLY, Mode: 0o644})
+	node, _ := c.entry(b)
+	if fh, _ := fsproto.Uint64(b[fsproto.EntrySize:]); fh != 0 || c.s.Stats().Handles != 0 {
+		t.Fatalf("FlagNoHandle create kept handle %d (%+v)", fh, c.s.Stats())
+	}
+	c.must(&fsproto.Request{Op: fsproto.OpWrite, Node: node, Off: 0, Data: []byte("by node")})
+	c.must(&fsproto.Request{Op: fsproto.OpWrite, Node: node, Off: 6<<30 - 1, Data: []byte("!")})
+	if got := string(c.must(&fsproto.Request{Op: fsproto.OpRead, Node: node, Size: 7})); got != "by node" {
+		t.Fatalf("read by node %q", got)
+	}
+	c.must(&fsproto.Request{Op: fsproto.OpFsync, Node: node})
+	c.must(&fsproto.Request{Op: fsproto.OpFallocate, Node: node, Size: 4096, Mode: unix.FALLOC_FL_KEEP_SIZE})
+	off, _ := fsproto.Uint64(c.must(&fsproto.Request{Op: fsproto.OpLseek, Node: node, Off: 8192, OFlags: unix.SEEK_DATA}))
+	if off != 6<<30-4096 && off != 6<<30-1 && off < 8192 {
+		t.Fatalf("SEEK_DATA %d", off)
+	}
+	// Truncation (O_TRUNC arrives as a setattr) and the write descriptor.
+	c.must(&fsproto.Request{Op: fsproto.OpSetattr, Node: node, Valid: fsproto.SetSize, Size: 2})
+	if b, _ := os.ReadFile(filepath.Join(c.dir, "f")); string(b) != "by" {
+		t.Fatalf("after truncate %q", b)
+	}
+	// Directories by node; the wrong type is refused.
+	d := c.mkdir(RootNode, "d")
+	os.WriteFile(filepath.Join(c.dir, "d", "x"), nil, 0o644)
+	b = c.must(&fsproto.Request{Op: fsproto.OpReaddir, Node: d, Size: 4096, Flags: fsproto.FlagPlus})
+	var names []string
+	fsproto.DecodeDirents(b, true, func(de *fsproto.Dirent) bool { names = append(names, de.Name); return true })
+	if strings.Join(names, ",") != ".,..,x" && len(names) != 3 {
+		t.Fatalf("readdir by node: %v", names)
+	}
+	c.must(&fsproto.Request{Op: fsproto.OpFsyncdir, Node: d})
+	unix.Mkfifo(filepath.Join(c.dir, "fifo"), 0o644)
+	fifo, _, _ := c.lookup(RootNode, "fifo")
+	for _, r := range []*fsproto.Request{
+		{Op: fsproto.OpRead, Node: d, Size: 1},
+		{Op: fsproto.OpWrite, Node: d, Data: []byte("x")},
+		{Op: fsproto.OpReaddir, Node: node, Size: 4096},
+		{Op: fsproto.OpRead, Node: fifo, Size: 1},
+		{Op: fsproto.OpWrite, Node: fifo, Data: []byte("x")},
+		{Op: fsproto.OpRead, Node: 4242, Size: 1},
+	} {
+		if _, e := c.do(r); e == 0 {
+			t.Errorf("%s on node %d succeeded", r.Op, r.Node)
+		}
+	}
+	// The node's descriptors go with it.
+	before := fdsHeld.Load()
+	c.do(&fsproto.Request{Op: fsproto.OpForget, Data: fsproto.AppendForget(nil, fsproto.ForgetItem{Node: node, Count: 2})})
+	if after := fdsHeld.Load(); after != before-3 {
+		t.Fatalf("forget closed %d descriptors, want 3 (O_PATH, read, write)", before-after)
+	}
+	// Read-only: no write descriptor is ever opened.
+	ro := newTC(t, Config{ReadOnly: true})
+	os.WriteFile(filepath.Join(ro.dir, "f"), []byte("ro"), 0o644)
+	n, _, _ := ro.lookup(RootNode, "f")
+	if _, e := ro.do(&fsproto.Request{Op: fsproto.OpWrite, Node: n, Data: []byte("x")}); e != unix.EROFS {
+		t.Fatalf("write by node on a read-only share: %v", e)
+	}
+	if got := string(ro.must(&fsproto.Request{Op: fsproto.OpRead, Node: n, Size: 10})); got != "ro" {
+		t.Fatalf("read %q", got)
+	}
+}

@@ -1,7 +1,11 @@
 package workspace
 
 import (
+	"sync"
+
 	"golang.org/x/sys/unix"
+
+	"matchlock.dev/matchlock/guest/proto/fsproto"
 )
 
 // getNode returns node id with a reference that keeps its descriptor open;
@@ -43,6 +47,12 @@ func (s *Server) putNode(n *node) {
 }
 
 func (s *Server) closeNodeLocked(n *node) {
+	for i, v := range n.iofd {
+		if v != 0 {
+			closeFd(v - 1)
+			n.iofd[i] = 0
+		}
+	}
 	if n.fd >= 0 {
 		if n.id == RootNode {
 			unix.Close(n.fd) // not counted in fdsHeld
@@ -176,4 +186,67 @@ func (s *Server) release(fh uint64, dir bool) {
 	if h.refs == 0 {
 		closeFd(h.fd)
 	}
+}
+
+// openIO returns the descriptor req's I/O uses: its handle's when it names
+// one (Fh), else one its node keeps, opened on first use. done must be
+// called after the I/O; dirMu serialises positioned directory reads.
+func (s *Server) openIO(req *fsproto.Request, kind ioKind) (fd int, dirMu *sync.Mutex, done func(), e unix.Errno) {
+	if req.Fh != 0 {
+		h, e := s.getHandle(req.Fh, kind == ioDir)
+		if e != 0 {
+			return -1, nil, nil, e
+		}
+		return h.fd, &h.dirMu, func() { s.putHandle(h) }, 0
+	}
+	n, e := s.getNode(req.Node)
+	if e != 0 {
+		return -1, nil, nil, e
+	}
+	switch {
+	case kind == ioDir && n.typ != unix.S_IFDIR:
+		e = unix.ENOTDIR
+	case kind != ioDir && n.typ == unix.S_IFDIR:
+		e = unix.EISDIR
+	case kind != ioDir && n.typ != unix.S_IFREG:
+		e = unix.ENXIO // never open FIFOs, sockets or devices on the host
+	}
+	if e == 0 {
+		fd, e = s.nodeFd(n, kind)
+	}
+	if e != 0 {
+		s.putNode(n)
+		return -1, nil, nil, e
+	}
+	return fd, &n.dirMu, func() { s.putNode(n) }, 0
+}
+
+// nodeFd opens (once) n's descriptor of this kind. The caller holds a
+// reference on n and checked its type.
+func (s *Server) nodeFd(n *node, kind ioKind) (int, unix.Errno) {
+	n.ioMu.Lock()
+	defer n.ioMu.Unlock()
+	if v := n.iofd[kind]; v != 0 {
+		return v - 1, 0
+	}
+	flags := unix.O_RDONLY
+	switch kind {
+	case ioWrite:
+		if s.cfg.ReadOnly {
+			return -1, unix.EROFS
+		}
+		flags = unix.O_WRONLY
+	case ioDir:
+		flags = unix.O_RDONLY | unix.O_DIRECTORY
+	}
+	if fdsHeld.Load() >= fdBudget() {
+		return -1, unix.EMFILE
+	}
+	fd, e := s.reopen(n, flags)
+	if e != 0 {
+		return -1, e
+	}
+	fdsHeld.Add(1)
+	n.iofd[kind] = fd + 1
+	return fd, 0
 }

@@ -37,14 +37,15 @@ func main() {
 	agent := flag.String("agent", "", "guest agent binary (default: built from this tree)")
 	accel := flag.String("accel", "", "kvm or tcg (default: detect)")
 	asJSON := flag.Bool("json", false, "print every round as JSON too")
+	ttl := flag.Duration("cache-ttl", 0, "FUSE name/attribute cache time (default: the mount default, 1s)")
 	flag.Parse()
-	if err := run(*rounds, *mib, *files, *dir, *agent, *accel, *asJSON); err != nil {
+	if err := run(*rounds, *mib, *files, *dir, *agent, *accel, *asJSON, *ttl); err != nil {
 		fmt.Fprintln(os.Stderr, "bench/workspace:", err)
 		os.Exit(1)
 	}
 }
 
-func run(rounds, mib, files int, dir, agent, accel string, asJSON bool) error {
+func run(rounds, mib, files int, dir, agent, accel string, asJSON bool, ttl time.Duration) error {
 	tmp, err := os.MkdirTemp("", "matchlock-wsbench-")
 	if err != nil {
 		return err
@@ -74,7 +75,7 @@ func run(rounds, mib, files int, dir, agent, accel string, asJSON bool) error {
 		Image: "busybox", Images: img, Agent: agent, Accel: accel,
 		MemoryMiB: 1024, DiskSizeMiB: 1024, NoNetwork: true,
 		Mounts: []sandbox.Mount{
-			{Source: dir, Target: "/mnt/fuse"},
+			{Source: dir, Target: "/mnt/fuse", CacheTTL: ttl},
 			{Source: dir, Target: "/mnt/9p", Transport: "9p"},
 		},
 		Notice: func(s string) { fmt.Fprintln(os.Stderr, "matchlock:", s) },
@@ -90,7 +91,7 @@ func run(rounds, mib, files int, dir, agent, accel string, asJSON bool) error {
 	if _, err := sb.WriteFile(ctx, "/bin/guestbench", bytes.NewReader(b), 0o755); err != nil {
 		return err
 	}
-	fmt.Printf("host dir %s, VM accel %s, %d rounds of %d MiB and %d files\n", dir, sb.Accel, rounds, mib, files)
+	fmt.Printf("host dir %s, VM accel %s, %d rounds of %d MiB and %d files, FUSE cache TTL %v\n", dir, sb.Accel, rounds, mib, files, ttl)
 	res := map[string][]map[string]float64{}
 	order := []string{"fuse", "9p"}
 	for r := 0; r < rounds; r++ {

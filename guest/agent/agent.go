@@ -72,8 +72,8 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("open control port %s: %w", port, err)
 	}
-	link := proto.NewLink(f) // a handoff replaces the Conn, never the port
-	conn := proto.NewConn(link, proto.Config{Initiator: false, Role: "guest"})
+	link := proto.NewLink(newVport(f)) // a handoff replaces the Conn, never the port
+	conn := proto.NewConn(link, proto.Config{Initiator: false, Role: "guest", Window: 4 << 20})
 	ctx := context.Background()
 	if _, err := conn.Handshake(ctx); err != nil {
 		return fmt.Errorf("handshake: %w", err)

@@ -27,24 +27,37 @@ import (
 // The client trusts the host's replies only as far as their framing: a
 // reply with an unknown tag or an oversized body ends the mount's stream.
 //
+// Requests without a reply (release, forget) are not sent on their own:
+// they wait in posts and go out in front of the next metadata request, in
+// the same write, or after postDelay. Under TCG every write to the control
+// port costs the guest about as much as a whole round trip.
+//
 // Locking: mu guards pending, nextTag and err. wmu[lane] keeps one
-// request record contiguous on its channel (a bulk write is two Writes).
+// request record contiguous on its channel (a bulk write is two Writes)
+// and, for the metadata lane, guards posts, forgets and flushArmed.
+// Order: wmu before mu.
 type fsClient struct {
 	fuse.RawFileSystem
 	st       *proto.Stream
 	uid, gid uint32
 	ttl      time.Duration
 
-	wmu [2]sync.Mutex
+	wmu        [2]sync.Mutex
+	posts      []byte // encoded records, guarded by wmu[0]
+	forgets    []byte // forget items, guarded by wmu[0]
+	flushArmed bool   // a postDelay flush is scheduled, guarded by wmu[0]
 
 	mu      sync.Mutex
 	nextTag uint32
 	pending map[uint32]*fsCall
 	err     error
 
-	forgets     chan fsproto.ForgetItem
 	lastRelieve atomic.Int64
 }
+
+// postDelay bounds how long a release or forget waits for a request to
+// ride along with.
+const postDelay = 20 * time.Millisecond
 
 type fsCall struct {
 	done  chan struct{}
@@ -59,11 +72,9 @@ func newFSClient(st *proto.Stream, uid, gid uint32, ttl time.Duration) *fsClient
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		st:            st, uid: uid, gid: gid, ttl: ttl,
 		pending: map[uint32]*fsCall{},
-		forgets: make(chan fsproto.ForgetItem, 4096),
 	}
 	go c.readReplies(fsproto.ChanMetaReply, fsproto.MaxMetaReply)
 	go c.readReplies(fsproto.ChanBulkReply, fsproto.MaxBulkReply)
-	go c.sendForgets()
 	return c
 }
 
@@ -87,7 +98,12 @@ func (c *fsClient) fail(err error) {
 }
 
 func (c *fsClient) readReplies(ch proto.Channel, max int) {
-	br := bufio.NewReaderSize(c.st.Reader(ch), 64<<10)
+	// Read replies (the bulk lane) go straight into the kernel's buffer;
+	// a bufio.Reader would copy each megabyte once more.
+	var br io.Reader = c.st.Reader(ch)
+	if ch == fsproto.ChanMetaReply {
+		br = bufio.NewReaderSize(br, 64<<10)
+	}
 	var hb [4 + fsproto.ReplyHeadSize]byte
 	for {
 		if _, err := io.ReadFull(br, hb[:]); err != nil {
@@ -147,19 +163,24 @@ func (c *fsClient) relieve() {
 	go os.WriteFile("/proc/sys/vm/drop_caches", []byte("2\n"), 0)
 }
 
-// send writes req's record (with data after it) on its lane.
+// send writes req's record (with data after it) on its lane; on the
+// metadata lane, waiting posts go first in the same write.
 func (c *fsClient) send(req *fsproto.Request, data []byte) error {
 	lane, ch := 0, fsproto.ChanMeta
 	if req.Op.Bulk() {
 		lane, ch = 1, fsproto.ChanBulk
 	}
-	head := fsproto.AppendRequestHead(make([]byte, 0, fsproto.HeadSize+4+len(req.Name)+len(req.Name2)+min(len(data), 4096)), req, len(data))
+	c.wmu[lane].Lock()
+	defer c.wmu[lane].Unlock()
+	var head []byte
+	if lane == 0 {
+		head = c.takePostsLocked()
+	}
+	head = fsproto.AppendRequestHead(head, req, len(data))
 	if len(data) <= 4096 {
 		head = append(head, data...)
 		data = nil
 	}
-	c.wmu[lane].Lock()
-	defer c.wmu[lane].Unlock()
 	if _, err := c.st.Write(ch, head); err != nil {
 		return err
 	}
@@ -198,33 +219,56 @@ func (c *fsClient) call(req *fsproto.Request, data, dst []byte) (*fsCall, fuse.S
 	return call, fuse.OK
 }
 
-// post sends a request that has no reply.
-func (c *fsClient) post(req *fsproto.Request, data []byte) {
-	c.mu.Lock()
-	dead := c.err != nil
-	c.mu.Unlock()
-	if !dead {
-		if err := c.send(req, data); err != nil {
-			c.fail(fmt.Errorf("%w: %v", errFSClosed, err))
-		}
+// post queues a request that has no reply (release, releasedir) or, with
+// forget set, one forget item.
+func (c *fsClient) post(req *fsproto.Request, forget *fsproto.ForgetItem) {
+	c.wmu[0].Lock()
+	defer c.wmu[0].Unlock()
+	if forget != nil {
+		c.forgets = fsproto.AppendForget(c.forgets, *forget)
+	} else {
+		c.posts = fsproto.AppendRequest(c.posts, req)
+	}
+	if len(c.forgets) >= fsproto.MaxForget*fsproto.ForgetItemSize || len(c.posts) >= 32<<10 {
+		c.flushPostsLocked()
+		return
+	}
+	if !c.flushArmed {
+		c.flushArmed = true
+		time.AfterFunc(postDelay, func() {
+			c.wmu[0].Lock()
+			defer c.wmu[0].Unlock()
+			c.flushArmed = false
+			c.flushPostsLocked()
+		})
 	}
 }
 
-// sendForgets batches the kernel's forgets into few records.
-func (c *fsClient) sendForgets() {
-	buf := make([]byte, 0, fsproto.MaxForget*fsproto.ForgetItemSize)
-	for it := range c.forgets {
-		buf = fsproto.AppendForget(buf[:0], it)
-	more:
-		for len(buf) < cap(buf) {
-			select {
-			case it := <-c.forgets:
-				buf = fsproto.AppendForget(buf, it)
-			default:
-				break more
-			}
-		}
-		c.post(&fsproto.Request{Op: fsproto.OpForget}, buf)
+// takePostsLocked returns the queued records (forgets merged into one
+// record) and empties the queue.
+func (c *fsClient) takePostsLocked() []byte {
+	b := c.posts
+	if len(c.forgets) > 0 {
+		b = fsproto.AppendRequestHead(b, &fsproto.Request{Op: fsproto.OpForget}, len(c.forgets))
+		b = append(b, c.forgets...)
+	}
+	c.posts, c.forgets = nil, c.forgets[:0]
+	return b
+}
+
+func (c *fsClient) flushPostsLocked() {
+	b := c.takePostsLocked()
+	if len(b) == 0 {
+		return
+	}
+	c.mu.Lock()
+	dead := c.err != nil
+	c.mu.Unlock()
+	if dead {
+		return
+	}
+	if _, err := c.st.Write(fsproto.ChanMeta, b); err != nil {
+		c.fail(fmt.Errorf("%w: %v", errFSClosed, err))
 	}
 }
 
@@ -291,7 +335,7 @@ func (c *fsClient) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string,
 }
 
 func (c *fsClient) Forget(node, n uint64) {
-	c.forgets <- fsproto.ForgetItem{Node: node, Count: n}
+	c.post(nil, &fsproto.ForgetItem{Node: node, Count: n})
 }
 
 func (c *fsClient) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse.AttrOut) fuse.Status {
@@ -385,27 +429,24 @@ func (c *fsClient) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string, ou
 // for access(2) on kernels that ask anyway.
 func (c *fsClient) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Status { return fuse.OK }
 
-// openFlags for a file the kernel may keep cached across opens: it drops
-// the cache itself when the host's mtime or size changes
-// (CAP_AUTO_INVAL_DATA); flushes have nothing to do (writes are not
-// buffered here).
-const openFlags = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH
-
+// Open and OpenDir answer ENOSYS: the kernel then stops sending OPEN,
+// OPENDIR, RELEASE and RELEASEDIR (CAP_NO_OPEN_SUPPORT), keeps file data
+// cached across opens (it drops it when the host's mtime or size changes,
+// CAP_AUTO_INVAL_DATA) and caches directory listings; I/O names the node
+// and the host keeps a descriptor per node. That saves two round trips per
+// open/close: the kernel, not the host, checks access modes anyway, and
+// O_TRUNC arrives as a truncating SETATTR.
 func (c *fsClient) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	call, st := c.call(&fsproto.Request{Op: fsproto.OpOpen, Node: in.NodeId, OFlags: in.Flags}, nil, nil)
-	if st != fuse.OK {
-		return st
-	}
-	fh, ok := fsproto.Uint64(call.body)
-	if !ok {
-		return fuse.EIO
-	}
-	out.Fh, out.OpenFlags = fh, openFlags
-	return fuse.OK
+	return fuse.ENOSYS
 }
 
+// openFlags are those of files made by Create (which has to answer with
+// a handle); flushes have nothing to do, writes are not buffered here.
+const openFlags = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH
+
 func (c *fsClient) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
-	call, st := c.call(&fsproto.Request{Op: fsproto.OpCreate, Node: in.NodeId, Name: name, Mode: in.Mode, Umask: in.Umask, OFlags: in.Flags}, nil, nil)
+	call, st := c.call(&fsproto.Request{Op: fsproto.OpCreate, Flags: fsproto.FlagNoHandle, Node: in.NodeId, Name: name,
+		Mode: in.Mode, Umask: in.Umask, OFlags: in.Flags}, nil, nil)
 	if st != fuse.OK {
 		return st
 	}
@@ -421,7 +462,7 @@ func (c *fsClient) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string
 
 func (c *fsClient) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
 	size := min(int(in.Size), len(buf), fsproto.MaxIO)
-	call, st := c.call(&fsproto.Request{Op: fsproto.OpRead, Fh: in.Fh, Off: in.Offset, Size: uint64(size)}, nil, buf[:size])
+	call, st := c.call(&fsproto.Request{Op: fsproto.OpRead, Node: in.NodeId, Fh: in.Fh, Off: in.Offset, Size: uint64(size)}, nil, buf[:size])
 	if st != fuse.OK {
 		return nil, st
 	}
@@ -432,7 +473,7 @@ func (c *fsClient) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) 
 	if len(data) > fsproto.MaxIO {
 		data = data[:fsproto.MaxIO]
 	}
-	call, st := c.call(&fsproto.Request{Op: fsproto.OpWrite, Fh: in.Fh, Off: in.Offset}, data, nil)
+	call, st := c.call(&fsproto.Request{Op: fsproto.OpWrite, Node: in.NodeId, Fh: in.Fh, Off: in.Offset}, data, nil)
 	if st != fuse.OK {
 		return 0, st
 	}
@@ -447,7 +488,9 @@ func (c *fsClient) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	c.post(&fsproto.Request{Op: fsproto.OpRelease, Fh: in.Fh}, nil)
 }
 
-func (c *fsClient) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status { return fuse.OK }
+// Flush answers ENOSYS: the kernel then never sends FLUSH again (writes
+// reach the host before write(2) returns; there is nothing to flush).
+func (c *fsClient) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status { return fuse.ENOSYS }
 
 func (c *fsClient) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	return c.fsync(fsproto.OpFsync, in)
@@ -458,7 +501,7 @@ func (c *fsClient) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Statu
 }
 
 func (c *fsClient) fsync(op fsproto.Op, in *fuse.FsyncIn) fuse.Status {
-	req := &fsproto.Request{Op: op, Fh: in.Fh}
+	req := &fsproto.Request{Op: op, Node: in.NodeId, Fh: in.Fh}
 	if in.FsyncFlags&1 != 0 { // FUSE_FSYNC_FDATASYNC
 		req.Flags = fsproto.FlagDatasync
 	}
@@ -466,11 +509,11 @@ func (c *fsClient) fsync(op fsproto.Op, in *fuse.FsyncIn) fuse.Status {
 }
 
 func (c *fsClient) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
-	return c.simple(&fsproto.Request{Op: fsproto.OpFallocate, Fh: in.Fh, Off: in.Offset, Size: in.Length, Mode: in.Mode})
+	return c.simple(&fsproto.Request{Op: fsproto.OpFallocate, Node: in.NodeId, Fh: in.Fh, Off: in.Offset, Size: in.Length, Mode: in.Mode})
 }
 
 func (c *fsClient) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.LseekOut) fuse.Status {
-	call, st := c.call(&fsproto.Request{Op: fsproto.OpLseek, Fh: in.Fh, Off: in.Offset, OFlags: in.Whence}, nil, nil)
+	call, st := c.call(&fsproto.Request{Op: fsproto.OpLseek, Node: in.NodeId, Fh: in.Fh, Off: in.Offset, OFlags: in.Whence}, nil, nil)
 	if st != fuse.OK {
 		return st
 	}
@@ -483,16 +526,7 @@ func (c *fsClient) Lseek(cancel <-chan struct{}, in *fuse.LseekIn, out *fuse.Lse
 }
 
 func (c *fsClient) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	call, st := c.call(&fsproto.Request{Op: fsproto.OpOpendir, Node: in.NodeId}, nil, nil)
-	if st != fuse.OK {
-		return st
-	}
-	fh, ok := fsproto.Uint64(call.body)
-	if !ok {
-		return fuse.EIO
-	}
-	out.Fh = fh
-	return fuse.OK
+	return fuse.ENOSYS // see Open
 }
 
 func (c *fsClient) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, l *fuse.DirEntryList) fuse.Status {
@@ -504,7 +538,7 @@ func (c *fsClient) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, l *fuse.
 }
 
 func (c *fsClient) readdir(in *fuse.ReadIn, l *fuse.DirEntryList, plus bool) fuse.Status {
-	req := &fsproto.Request{Op: fsproto.OpReaddir, Fh: in.Fh, Off: in.Offset, Size: uint64(min(in.Size, fsproto.MaxReaddir))}
+	req := &fsproto.Request{Op: fsproto.OpReaddir, Node: in.NodeId, Fh: in.Fh, Off: in.Offset, Size: uint64(min(in.Size, fsproto.MaxReaddir))}
 	if plus {
 		req.Flags = fsproto.FlagPlus
 	}

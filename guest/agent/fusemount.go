@@ -171,8 +171,10 @@ func mountShare(st *proto.Stream, req *proto.MountRequest, target string) error 
 		MaxBackground:        64,
 		IgnoreSecurityLabels: true, // no getxattr round trip per write
 		DisableSplice:        true,
-		ExtraCapabilities:    fuse.CAP_ATOMIC_O_TRUNC | fuse.CAP_READDIRPLUS_AUTO,
-		Logger:               logger,
+		// Not CAP_ATOMIC_O_TRUNC: without OPEN requests (see fsClient.Open)
+		// the kernel must send O_TRUNC as a SETATTR.
+		ExtraCapabilities: fuse.CAP_READDIRPLUS_AUTO,
+		Logger:            logger,
 	})
 	if err != nil {
 		c.fail(errors.New("mount failed"))

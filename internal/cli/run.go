@@ -410,6 +410,7 @@ func publicConfig(o sandbox.Options) map[string]any {
 		"image": o.Image, "cpus": o.CPUs, "memory_mib": o.MemoryMiB, "disk_size_mib": o.DiskSizeMiB,
 		"hostname": o.Hostname, "no_network": o.NoNetwork, "allow_hosts": o.AllowHosts,
 		"allow_private": o.AllowPrivate, "secrets": secrets,
+		"mounts": o.Mounts, "volumes": o.Volumes,
 	}
 }
 

@@ -7,6 +7,11 @@
 // "mount"). Records travel on the stream's channels, split so that bulk
 // data never queues in front of small operations:
 //
+// I/O requests (read, write, fsync, fallocate, lseek, readdir) name a
+// handle (Fh, from open, opendir or create) or, with Fh 0, only the node:
+// the host then uses descriptors it keeps per node, which lets the guest
+// kernel skip OPEN and RELEASE round trips altogether.
+//
 //	guest → host  ChanMeta  (0)  requests other than read and write
 //	guest → host  ChanBulk  (2)  read and write requests
 //	host → guest  ChanMetaReply (1)  replies to ChanMeta requests
@@ -109,6 +114,7 @@ const (
 	FlagFh       uint8 = 1 << 0 // getattr, setattr: Fh is valid
 	FlagDatasync uint8 = 1 << 1 // fsync, fsyncdir: only data
 	FlagPlus     uint8 = 1 << 2 // readdir: with entries (READDIRPLUS)
+	FlagNoHandle uint8 = 1 << 3 // create: keep no handle, reply fh 0 (I/O then goes by node)
 )
 
 // Setattr Valid bits.
@@ -215,7 +221,7 @@ var opSpecs = [opEnd]opSpec{
 	OpRename:      {name: component, name2: component},
 	OpLink:        {name: component},
 	OpOpen:        {},
-	OpCreate:      {name: component},
+	OpCreate:      {name: component, flags: FlagNoHandle},
 	OpRead:        {maxSize: MaxIO},
 	OpWrite:       {maxData: MaxIO},
 	OpRelease:     {},
