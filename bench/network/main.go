@@ -216,4 +216,3 @@ func buildNetprobe() (string, error) {
 	}
 	return p, nil
 }
-

@@ -5,8 +5,8 @@ package e2e
 
 import (
 	"bytes"
-	"flag"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"os"
