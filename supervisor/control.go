@@ -85,27 +85,36 @@ func (s *Server) apply(req *ControlRequest, reply *ControlReply) error {
 
 // Control sends one control request to the supervisor of sandbox id.
 func Control(ctx context.Context, id string, req ControlRequest) (*ControlReply, error) {
-	sb, err := Dial(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	defer sb.Conn().Close()
-	b, _ := json.Marshal(req)
-	st, err := sb.Conn().Open(ctx, b)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
-	msg, err := st.RecvMsg(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("supervisor: %w", err)
-	}
 	var reply ControlReply
-	if err := json.Unmarshal(msg, &reply); err != nil {
+	if err := request(ctx, id, req, &reply); err != nil {
 		return nil, err
 	}
 	if reply.Error != "" {
 		return &reply, errors.New(reply.Error)
 	}
 	return &reply, nil
+}
+
+// request opens one stream to the supervisor of sandbox id with req as its
+// header and decodes the single message it answers into reply.
+func request(ctx context.Context, id string, req, reply any) error {
+	sb, err := Dial(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer sb.Conn().Close()
+	b, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	st, err := sb.Conn().Open(ctx, b)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	msg, err := st.RecvMsg(ctx)
+	if err != nil {
+		return fmt.Errorf("supervisor: %w", err)
+	}
+	return json.Unmarshal(msg, reply)
 }

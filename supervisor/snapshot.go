@@ -170,23 +170,8 @@ func Fork(ctx context.Context, id string, n int, allowHosts *[]string) ([]string
 }
 
 func snapshotCall(ctx context.Context, id string, req SnapshotRequest) (*SnapshotReply, error) {
-	sb, err := Dial(ctx, id)
-	if err != nil {
-		return nil, err
-	}
-	defer sb.Conn().Close()
-	b, _ := json.Marshal(req)
-	st, err := sb.Conn().Open(ctx, b)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Close()
-	msg, err := st.RecvMsg(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("supervisor: %w", err)
-	}
 	var reply SnapshotReply
-	if err := json.Unmarshal(msg, &reply); err != nil {
+	if err := request(ctx, id, req, &reply); err != nil {
 		return nil, err
 	}
 	if reply.Error != "" {
