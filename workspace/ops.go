@@ -211,14 +211,8 @@ func (s *Server) setattr(req *fsproto.Request, out []byte) ([]byte, unix.Errno) 
 			defer s.putHandle(h)
 		}
 	}
-	if req.Valid&fsproto.SetMode != 0 {
-		if n.typ == unix.S_IFLNK {
-			return out, unix.EOPNOTSUPP
-		}
-		if err := unix.Fchmodat(s.procFd, procName(n.fd), req.Mode&0o7777, 0); err != nil {
-			return out, toErrno(err)
-		}
-	}
+	// Size before mode: an unprivileged truncate clears setuid, the mode
+	// the guest asked for must win.
 	if req.Valid&fsproto.SetSize != 0 {
 		if n.typ != unix.S_IFREG {
 			if n.typ == unix.S_IFDIR {
@@ -236,6 +230,14 @@ func (s *Server) setattr(req *fsproto.Request, out []byte) ([]byte, unix.Errno) 
 			err = unix.Truncate(procPath(n.fd), int64(req.Size))
 		}
 		if err != nil {
+			return out, toErrno(err)
+		}
+	}
+	if req.Valid&fsproto.SetMode != 0 {
+		if n.typ == unix.S_IFLNK {
+			return out, unix.EOPNOTSUPP
+		}
+		if err := unix.Fchmodat(s.procFd, procName(n.fd), req.Mode&0o7777, 0); err != nil {
 			return out, toErrno(err)
 		}
 	}
@@ -547,7 +549,13 @@ func (s *Server) createReply(req *fsproto.Request, fd int, id uint64, out []byte
 	}
 	var fh uint64
 	if req.Flags&fsproto.FlagNoHandle != 0 {
-		unix.Close(fd)
+		// Keep a writable descriptor as the node's: it was opened by the
+		// create, which may write whatever the new file's mode (a file
+		// made 0444, as git and tar do, could not be reopened for writing
+		// by an unprivileged host user).
+		if req.OFlags&unix.O_ACCMODE == unix.O_RDONLY || !s.adoptWriteFd(id, fd) {
+			unix.Close(fd)
+		}
 	} else {
 		var e unix.Errno
 		if fh, e = s.addHandle(fd, false); e != 0 {

@@ -55,7 +55,7 @@ import (
 const (
 	DefaultMaxNodes        = 16384
 	DefaultMaxHandles      = 1024
-	DefaultMaxInFlight     = 64
+	DefaultMaxInFlight     = 32
 	DefaultMaxBulkInFlight = 8
 )
 

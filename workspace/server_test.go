@@ -357,6 +357,20 @@ func TestNodeIO(t *testing.T) {
 	if after := fdsHeld.Load(); after != before-3 {
 		t.Fatalf("forget closed %d descriptors, want 3 (O_PATH, read, write)", before-after)
 	}
+	// A create's descriptor becomes the node's write descriptor (a 0444
+	// file must stay writable by its creator), without O_APPEND.
+	held := fdsHeld.Load()
+	b = c.must(&fsproto.Request{Op: fsproto.OpCreate, Flags: fsproto.FlagNoHandle, Node: RootNode, Name: "ro-mode",
+		OFlags: unix.O_WRONLY | unix.O_APPEND, Mode: 0o444})
+	rn, _ := c.entry(b)
+	c.must(&fsproto.Request{Op: fsproto.OpWrite, Node: rn, Off: 0, Data: []byte("abc")})
+	c.must(&fsproto.Request{Op: fsproto.OpWrite, Node: rn, Off: 1, Data: []byte("X")})
+	if got := fdsHeld.Load() - held; got != 2 {
+		t.Fatalf("create+writes hold %d descriptors, want 2 (O_PATH, write)", got)
+	}
+	if b, _ := os.ReadFile(filepath.Join(c.dir, "ro-mode")); string(b) != "aXc" {
+		t.Fatalf("writes through the adopted descriptor: %q", b)
+	}
 	// Read-only: no write descriptor is ever opened.
 	ro := newTC(t, Config{ReadOnly: true})
 	os.WriteFile(filepath.Join(ro.dir, "f"), []byte("ro"), 0o644)

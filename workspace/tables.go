@@ -250,3 +250,31 @@ func (s *Server) nodeFd(n *node, kind ioKind) (int, unix.Errno) {
 	n.iofd[kind] = fd + 1
 	return fd, 0
 }
+
+// adoptWriteFd makes fd (opened for writing by a create) node id's write
+// descriptor, unless it has one. O_APPEND is cleared: offsets come from the
+// guest kernel.
+func (s *Server) adoptWriteFd(id uint64, fd int) bool {
+	n, e := s.getNode(id)
+	if e != 0 {
+		return false
+	}
+	defer s.putNode(n)
+	n.ioMu.Lock()
+	defer n.ioMu.Unlock()
+	if n.iofd[ioWrite] != 0 {
+		return false
+	}
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return false
+	}
+	if fl&unix.O_APPEND != 0 {
+		if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFL, fl&^unix.O_APPEND); err != nil {
+			return false
+		}
+	}
+	fdsHeld.Add(1)
+	n.iofd[ioWrite] = fd + 1
+	return true
+}

@@ -185,4 +185,3 @@ func (b *busybox) Rootfs(ctx context.Context, ref string) (string, sandbox.Image
 	})
 	return b.path, sandbox.ImageConfig{Env: []string{"PATH=/bin"}}, b.err
 }
-

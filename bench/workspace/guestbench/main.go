@@ -18,15 +18,15 @@ import (
 )
 
 type result struct {
-	SeqWriteMBs     float64 `json:"seq_write_mbs"`      // 1 MiB writes, then fsync
-	SeqReadColdMBs  float64 `json:"seq_read_cold_mbs"`  // after dropping the guest's caches
-	SeqReadWarmMBs  float64 `json:"seq_read_warm_mbs"`  // again, from the guest's page cache where the transport keeps one
-	CreateOps       float64 `json:"create_ops"`         // create+write 100 B+close, files/s
-	StatColdOps     float64 `json:"stat_cold_ops"`      // lstat after dropping caches, files/s
-	StatWarmOps     float64 `json:"stat_warm_ops"`      // lstat again
-	ReadSmallOps    float64 `json:"read_small_ops"`     // open+read+close, files/s (cold)
-	DeleteOps       float64 `json:"delete_ops"`         // unlink, files/s
-	SmallFilesTotal float64 `json:"small_files_ops"`    // create+stat+delete of one file, per second
+	SeqWriteMBs     float64 `json:"seq_write_mbs"`     // 1 MiB writes, then fsync
+	SeqReadColdMBs  float64 `json:"seq_read_cold_mbs"` // after dropping the guest's caches
+	SeqReadWarmMBs  float64 `json:"seq_read_warm_mbs"` // again, from the guest's page cache where the transport keeps one
+	CreateOps       float64 `json:"create_ops"`        // create+write 100 B+close, files/s
+	StatColdOps     float64 `json:"stat_cold_ops"`     // lstat after dropping caches, files/s
+	StatWarmOps     float64 `json:"stat_warm_ops"`     // lstat again
+	ReadSmallOps    float64 `json:"read_small_ops"`    // open+read+close, files/s (cold)
+	DeleteOps       float64 `json:"delete_ops"`        // unlink, files/s
+	SmallFilesTotal float64 `json:"small_files_ops"`   // create+stat+delete of one file, per second
 }
 
 func dropCaches() {
@@ -123,19 +123,14 @@ func run(dir string, mib, files int) (result, error) {
 	r.CreateOps = ops(tc)
 	dropCaches()
 	var st unix.Stat_t
-	for i, warm := range []bool{false, true} {
+	for _, out := range []*float64{&r.StatColdOps, &r.StatWarmOps} {
 		t0 = time.Now()
 		for _, n := range names {
 			if err := unix.Lstat(n, &st); err != nil {
 				return r, err
 			}
 		}
-		if i == 0 {
-			r.StatColdOps = ops(time.Since(t0))
-		} else {
-			r.StatWarmOps = ops(time.Since(t0))
-		}
-		_ = warm
+		*out = ops(time.Since(t0))
 	}
 	tstat := time.Duration(float64(time.Second) * float64(files) / r.StatColdOps)
 	dropCaches()
