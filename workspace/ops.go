@@ -33,17 +33,17 @@ func (s *Server) exec(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 	case fsproto.OpReadlink:
 		return s.readlink(req, out)
 	case fsproto.OpSymlink, fsproto.OpMknod, fsproto.OpMkdir:
-		return s.makeNode(req, out)
+		return s.dirAttrs(req, req.Node, 0)(s.makeNode(req, out))
 	case fsproto.OpUnlink, fsproto.OpRmdir:
-		return s.remove(req, out)
+		return s.dirAttrs(req, req.Node, 0)(s.remove(req, out))
 	case fsproto.OpRename:
-		return s.rename(req, out)
+		return s.dirAttrs(req, req.Node, req.Node2)(s.rename(req, out))
 	case fsproto.OpLink:
-		return s.link(req, out)
+		return s.dirAttrs(req, req.Node2, 0)(s.link(req, out))
 	case fsproto.OpOpen, fsproto.OpOpendir:
 		return s.open(req, out)
 	case fsproto.OpCreate:
-		return s.create(req, out)
+		return s.dirAttrs(req, req.Node, 0)(s.create(req, out))
 	case fsproto.OpRead:
 		return s.read(req, out)
 	case fsproto.OpWrite:
@@ -65,6 +65,34 @@ func (s *Server) exec(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 		return s.lseek(req, out)
 	}
 	return out, unix.ENOSYS
+}
+
+// dirAttrs returns a function that appends, after a successful reply, the
+// attributes of the directories the request changed (dir2 0: one). The
+// guest kernel invalidates a directory's attributes when it changes and
+// fetches them before its next permission check in it; the guest answers
+// that from these instead of another round trip (fsproto: DirAttrs).
+func (s *Server) dirAttrs(req *fsproto.Request, dir, dir2 uint64) func([]byte, unix.Errno) ([]byte, unix.Errno) {
+	return func(out []byte, e unix.Errno) ([]byte, unix.Errno) {
+		if e != 0 {
+			return out, e
+		}
+		for _, id := range []uint64{dir, dir2} {
+			if id == 0 {
+				continue
+			}
+			n, e := s.getNode(id)
+			if e != 0 {
+				return out, e
+			}
+			out, e = appendStat(n.fd, out)
+			s.putNode(n)
+			if e != 0 {
+				return out, e
+			}
+		}
+		return out, 0
+	}
 }
 
 // mutates reports whether req would change the shared directory.

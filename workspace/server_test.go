@@ -382,3 +382,28 @@ func TestNodeIO(t *testing.T) {
 		t.Fatalf("read %q", got)
 	}
 }
+
+// TestDirAttrsInReplies: replies to changes carry the changed directories'
+// attributes after the change (see fsproto.DirAttrs).
+func TestDirAttrsInReplies(t *testing.T) {
+	c := newTC(t, Config{})
+	d1, d2 := c.mkdir(RootNode, "d1"), c.mkdir(RootNode, "d2")
+	b := c.must(&fsproto.Request{Op: fsproto.OpMkdir, Node: d1, Name: "sub", Mode: 0o755})
+	if a, ok := fsproto.DecodeAttr(b[fsproto.EntrySize:]); !ok || a.Nlink != 3 {
+		t.Fatalf("mkdir: parent attrs %+v %v", a, ok)
+	}
+	b = c.must(&fsproto.Request{Op: fsproto.OpCreate, Flags: fsproto.FlagNoHandle, Node: d1, Name: "f", OFlags: unix.O_WRONLY, Mode: 0o644})
+	if len(b) != fsproto.EntrySize+8+fsproto.AttrSize {
+		t.Fatalf("create reply of %d bytes", len(b))
+	}
+	b = c.must(&fsproto.Request{Op: fsproto.OpRename, Node: d1, Name: "sub", Node2: d2, Name2: "sub"})
+	a1, _ := fsproto.DecodeAttr(b)
+	a2, _ := fsproto.DecodeAttr(b[fsproto.AttrSize:])
+	if len(b) != 2*fsproto.AttrSize || a1.Nlink != 2 || a2.Nlink != 3 {
+		t.Fatalf("rename: %d bytes, nlinks %d %d", len(b), a1.Nlink, a2.Nlink)
+	}
+	b = c.must(&fsproto.Request{Op: fsproto.OpRmdir, Node: d2, Name: "sub"})
+	if a, _ := fsproto.DecodeAttr(b); len(b) != fsproto.AttrSize || a.Nlink != 2 {
+		t.Fatalf("rmdir: %d bytes, nlink %d", len(b), a.Nlink)
+	}
+}

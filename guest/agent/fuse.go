@@ -53,7 +53,21 @@ type fsClient struct {
 	err     error
 
 	lastRelieve atomic.Int64
+
+	// dirs holds directory attributes that came with the reply to a
+	// change in the directory, for the GETATTR the kernel sends next.
+	dirMu sync.Mutex
+	dirs  map[uint64]dirAttr
 }
+
+type dirAttr struct {
+	a  fsproto.Attr
+	at time.Time
+}
+
+// dirAttrFresh bounds how old a directory's attributes from a change reply
+// may be when they answer a GETATTR.
+const dirAttrFresh = time.Second
 
 // postDelay bounds how long a release or forget waits for a request to
 // ride along with.
@@ -72,6 +86,7 @@ func newFSClient(st *proto.Stream, uid, gid uint32, ttl time.Duration) *fsClient
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
 		st:            st, uid: uid, gid: gid, ttl: ttl,
 		pending: map[uint32]*fsCall{},
+		dirs:    map[uint64]dirAttr{},
 	}
 	go c.readReplies(fsproto.ChanMetaReply, fsproto.MaxMetaReply)
 	go c.readReplies(fsproto.ChanBulkReply, fsproto.MaxBulkReply)
@@ -301,7 +316,43 @@ func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
 		return fuse.EIO
 	}
 	c.fillEntry(node, &a, out)
+	c.noteDirs(req, call.body[fsproto.EntrySize:])
 	return fuse.OK
+}
+
+// noteDirs keeps the directory attributes at the start of b (the tail of
+// a reply to req, see fsproto.DirAttrs).
+func (c *fsClient) noteDirs(req *fsproto.Request, b []byte) {
+	ids := []uint64{req.Node, req.Node2}
+	if req.Op == fsproto.OpLink {
+		ids = ids[1:]
+	}
+	now := time.Now()
+	c.dirMu.Lock()
+	defer c.dirMu.Unlock()
+	if len(c.dirs) > 1024 {
+		clear(c.dirs)
+	}
+	for i := 0; i < fsproto.DirAttrs(req.Op); i++ {
+		a, ok := fsproto.DecodeAttr(b[min(len(b), i*fsproto.AttrSize):])
+		if !ok {
+			return
+		}
+		c.dirs[ids[i]] = dirAttr{a, now}
+	}
+}
+
+// takeDir returns, once, fresh attributes of directory node from a change
+// reply.
+func (c *fsClient) takeDir(node uint64) (fsproto.Attr, bool) {
+	c.dirMu.Lock()
+	defer c.dirMu.Unlock()
+	d, ok := c.dirs[node]
+	if !ok {
+		return fsproto.Attr{}, false
+	}
+	delete(c.dirs, node)
+	return d.a, time.Since(d.at) < min(c.ttl, dirAttrFresh)
 }
 
 func (c *fsClient) attrReply(req *fsproto.Request, out *fuse.AttrOut) fuse.Status {
@@ -319,7 +370,10 @@ func (c *fsClient) attrReply(req *fsproto.Request, out *fuse.AttrOut) fuse.Statu
 }
 
 func (c *fsClient) simple(req *fsproto.Request) fuse.Status {
-	_, st := c.call(req, nil, nil)
+	call, st := c.call(req, nil, nil)
+	if st == fuse.OK && fsproto.DirAttrs(req.Op) > 0 {
+		c.noteDirs(req, call.body)
+	}
 	return st
 }
 
@@ -342,6 +396,10 @@ func (c *fsClient) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse
 	req := &fsproto.Request{Op: fsproto.OpGetattr, Node: in.NodeId}
 	if in.Flags()&fuse.FUSE_GETATTR_FH != 0 {
 		req.Flags, req.Fh = fsproto.FlagFh, in.Fh()
+	} else if a, ok := c.takeDir(in.NodeId); ok {
+		c.setAttr(&a, &out.Attr)
+		out.SetTimeout(c.ttl)
+		return fuse.OK
 	}
 	return c.attrReply(req, out)
 }
@@ -456,6 +514,7 @@ func (c *fsClient) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string
 		return fuse.EIO
 	}
 	c.fillEntry(node, &a, &out.EntryOut)
+	c.noteDirs(&fsproto.Request{Op: fsproto.OpCreate, Node: in.NodeId}, call.body[fsproto.EntrySize+8:])
 	out.Fh, out.OpenFlags = fh, openFlags
 	return fuse.OK
 }

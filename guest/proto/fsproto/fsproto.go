@@ -34,7 +34,9 @@
 // The head after the length is HeadSize bytes. Which fields an op reads,
 // and the bounds on names and data, are in the table opSpecs; DecodeRequest
 // rejects anything else. Reply bodies are fixed layouts written by the
-// Append* functions below (attributes, entries, directory records).
+// Append* functions below (attributes, entries, directory records). The
+// replies of ops that change a directory end with its attributes after the
+// change (see DirAttrs).
 package fsproto
 
 import (
@@ -609,3 +611,16 @@ func AppendUint64(dst []byte, v uint64) []byte { return be.AppendUint64(dst, v) 
 
 // AppendUint32 writes a 32-bit reply scalar.
 func AppendUint32(dst []byte, v uint32) []byte { return be.AppendUint32(dst, v) }
+
+// DirAttrs returns how many directory attributes end a successful reply to
+// op: those of the directory it changed (Node; Node2 for link), and for
+// rename of both directories (Node, then Node2).
+func DirAttrs(op Op) int {
+	switch op {
+	case OpSymlink, OpMknod, OpMkdir, OpCreate, OpUnlink, OpRmdir, OpLink:
+		return 1
+	case OpRename:
+		return 2
+	}
+	return 0
+}
