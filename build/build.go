@@ -23,6 +23,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 
 	"matchlock.dev/matchlock/image"
+	"matchlock.dev/matchlock/internal/tailbuf"
 	"matchlock.dev/matchlock/netstack"
 	"matchlock.dev/matchlock/sandbox"
 )
@@ -224,7 +225,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 
 	// buildkitd runs for the whole build; its log is kept for errors.
 	tDaemon := time.Now()
-	daemonLog := &tailBuffer{max: 16 << 10}
+	daemonLog := tailbuf.New(16 << 10)
 	daemon, err := sb.Exec(ctx, sandbox.ExecOptions{Env: []string{guestEnv}, Argv: []string{
 		"buildkitd", "--root", "/var/lib/buildkit", "--addr", "unix://" + sock,
 		"--oci-worker=true", "--containerd-worker=false", "--oci-worker-snapshotter=overlayfs",
@@ -329,7 +330,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("buildctl: %w", err)
 	}
-	errTail := &tailBuffer{max: 64 << 10}
+	errTail := tailbuf.New(64 << 10)
 	var outWG sync.WaitGroup
 	outWG.Add(2)
 	pw := &lockedWriter{w: io.MultiWriter(progress, errTail)}
@@ -371,10 +372,9 @@ func upload(ctx context.Context, sb *sandbox.Sandbox, dir string, write func(io.
 		return err
 	}
 	defer p.Close()
-	var errb tailBuffer
-	errb.max = 4 << 10
+	errb := tailbuf.New(4 << 10)
 	go io.Copy(io.Discard, p.Stdout())
-	go io.Copy(&errb, p.Stderr())
+	go io.Copy(errb, p.Stderr())
 	w := p.Stdin()
 	werr := write(w)
 	w.Close()
@@ -477,28 +477,6 @@ func parseBuildError(out string, code int) *StepError {
 		e.Message = fmt.Sprintf("buildctl exited %d: %s", code, lastLines(out, 3))
 	}
 	return e
-}
-
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if len(t.b) > t.max {
-		t.b = append([]byte(nil), t.b[len(t.b)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.b)
 }
 
 type lockedWriter struct {

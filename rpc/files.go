@@ -154,6 +154,19 @@ func (s *session) dropHandle(id string) *writeHandle {
 	return h
 }
 
+// lockHandle locks s.mu and returns the open write handle id, for the
+// caller to unlock. If there is none it unlocks, answers req with an error
+// and returns nil.
+func (s *session) lockHandle(req *request, id string) *writeHandle {
+	s.mu.Lock()
+	h := s.handles[id]
+	if h == nil {
+		s.mu.Unlock()
+		s.reply(req, nil, errorf(CodeUnknownRequest, "no open write handle %q", id))
+	}
+	return h
+}
+
 type writeChunkParams struct {
 	Handle string `json:"handle"`
 	Data   []byte `json:"data"` // base64
@@ -165,18 +178,11 @@ func handleWriteChunk(s *session, req *request) {
 		s.reply(req, nil, err.(*Error))
 		return
 	}
-	s.mu.Lock()
-	h := s.handles[p.Handle]
+	h := s.lockHandle(req, p.Handle)
 	if h == nil {
-		s.mu.Unlock()
-		s.reply(req, nil, errorf(CodeUnknownRequest, "no open write handle %q", p.Handle))
 		return
 	}
-	it := sinkItem{data: p.Data}
-	if !req.isNotification() {
-		it.req = req
-	}
-	err := h.sink.enqueue(it)
+	err := h.sink.enqueue(req, sinkItem{data: p.Data})
 	s.mu.Unlock()
 	if err != nil {
 		if req.isNotification() {
@@ -198,11 +204,8 @@ func handleWriteClose(s *session, req *request) {
 		s.reply(req, nil, err.(*Error))
 		return
 	}
-	s.mu.Lock()
-	h := s.handles[p.Handle]
+	h := s.lockHandle(req, p.Handle)
 	if h == nil {
-		s.mu.Unlock()
-		s.reply(req, nil, errorf(CodeUnknownRequest, "no open write handle %q", p.Handle))
 		return
 	}
 	if p.Abort {
@@ -214,11 +217,7 @@ func handleWriteClose(s *session, req *request) {
 	}
 	// Unlisted at once: later chunks for it are refused, not reordered.
 	delete(s.handles, h.id)
-	it := sinkItem{fin: true}
-	if !req.isNotification() {
-		it.req = req
-	}
-	err := h.sink.enqueue(it)
+	err := h.sink.enqueue(req, sinkItem{fin: true})
 	s.mu.Unlock()
 	if err != nil {
 		s.abortHandle(h, err)
@@ -236,6 +235,20 @@ func (s *session) abortHandle(h *writeHandle, why *Error) {
 type pathParams struct {
 	ID   string `json:"id"`
 	Path string `json:"path"`
+}
+
+// lookupPath decodes pathParams, checks the path and ties c to the sandbox
+// as s.lookup does (call untie when done).
+func (s *session) lookupPath(c *call, raw json.RawMessage) (e *entry, path string, untie func(), err error) {
+	var p pathParams
+	if err := decodeParams(raw, &p); err != nil {
+		return nil, "", nil, err
+	}
+	if err := validPath(p.Path); err != nil {
+		return nil, "", nil, err
+	}
+	e, untie, err = s.lookup(c, p.ID)
+	return e, p.Path, untie, err
 }
 
 type chunkParams struct {
@@ -269,21 +282,14 @@ func (w *chunkWriter) Write(p []byte) (int, error) {
 }
 
 func handleReadFile(ctx context.Context, s *session, c *call, raw json.RawMessage) (any, error) {
-	var p pathParams
-	if err := decodeParams(raw, &p); err != nil {
-		return nil, err
-	}
-	if err := validPath(p.Path); err != nil {
-		return nil, err
-	}
-	e, untie, err := s.lookup(c, p.ID)
+	e, path, untie, err := s.lookupPath(c, raw)
 	if err != nil {
 		return nil, err
 	}
 	defer untie()
 	cw := &chunkWriter{s: s, ctx: ctx, id: c.id, hash: sha256.New()}
 	bw := bufio.NewWriterSize(cw, readChunk)
-	n, err := e.sb.ReadFile(ctx, p.Path, bw)
+	n, err := e.sb.ReadFile(ctx, path, bw)
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -296,19 +302,12 @@ func handleReadFile(ctx context.Context, s *session, c *call, raw json.RawMessag
 // --- list_files ----------------------------------------------------------------
 
 func handleListFiles(ctx context.Context, s *session, c *call, raw json.RawMessage) (any, error) {
-	var p pathParams
-	if err := decodeParams(raw, &p); err != nil {
-		return nil, err
-	}
-	if err := validPath(p.Path); err != nil {
-		return nil, err
-	}
-	e, untie, err := s.lookup(c, p.ID)
+	e, path, untie, err := s.lookupPath(c, raw)
 	if err != nil {
 		return nil, err
 	}
 	defer untie()
-	files, err := e.sb.ListFiles(ctx, p.Path)
+	files, err := e.sb.ListFiles(ctx, path)
 	if err != nil {
 		return nil, err
 	}

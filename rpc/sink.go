@@ -32,7 +32,7 @@ type sink struct {
 }
 
 type sinkItem struct {
-	req  *request // nil when generated internally
+	req  *request // answered once the item is taken; nil for a notification
 	data []byte
 	eof  bool // close the writer after data
 	fin  bool // hand to finish after data (implies eof)
@@ -42,9 +42,14 @@ func newSink(s *session) *sink {
 	return &sink{s: s, q: make(chan sinkItem, sinkDepth), started: make(chan struct{}), done: make(chan struct{})}
 }
 
-// enqueue queues an item. The caller holds s.mu (which also guards the
-// backlog counter) and has checked that the sink's owner is still alive.
-func (k *sink) enqueue(it sinkItem) *Error {
+// enqueue queues an item sent by req, to be answered once the writer has
+// taken it (a notification gets no answer). The caller holds s.mu (which
+// also guards the backlog counter) and has checked that the sink's owner is
+// still alive.
+func (k *sink) enqueue(req *request, it sinkItem) *Error {
+	if !req.isNotification() {
+		it.req = req
+	}
 	n := int64(len(it.data))
 	if k.s.backlog+n > k.s.cfg.MaxBacklogBytes {
 		return errorf(CodeLimit, "too much data queued (limit %d bytes per session): wait for the answers to earlier chunks", k.s.cfg.MaxBacklogBytes)
@@ -188,11 +193,7 @@ func handleStdin(s *session, req *request) {
 		s.reply(req, nil, errorf(CodeUnknownRequest, "no exec_pipe or exec_tty request %s in flight", key))
 		return
 	}
-	it := sinkItem{data: p.Data, eof: p.EOF}
-	if !req.isNotification() {
-		it.req = req
-	}
-	err := c.stdin.enqueue(it)
+	err := c.stdin.enqueue(req, sinkItem{data: p.Data, eof: p.EOF})
 	s.mu.Unlock()
 	if err != nil {
 		if req.isNotification() {

@@ -27,6 +27,7 @@ import (
 	"matchlock.dev/matchlock/guest/proto"
 	"matchlock.dev/matchlock/internal/initramfs"
 	"matchlock.dev/matchlock/internal/paths"
+	"matchlock.dev/matchlock/internal/tailbuf"
 	"matchlock.dev/matchlock/kernel"
 	"matchlock.dev/matchlock/netstack"
 	"matchlock.dev/matchlock/vmm"
@@ -264,7 +265,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	tr.mark("network")
 
 	console := opts.ConsoleLog
-	tail := &tailBuffer{max: 8 << 10}
+	tail := tailbuf.New(8 << 10)
 	if console == nil {
 		console = tail
 	} else {
@@ -312,7 +313,7 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 // the agent's Hello within bootCtx (cancelled early if the VM dies), then
 // sends setup with this sandbox's identity — host clock and fresh host
 // entropy, so that no two sandboxes (or forks) share either.
-func (s *Sandbox) connect(ctx, bootCtx context.Context, cancel context.CancelFunc, tr *tracer, tail *tailBuffer, req *proto.SetupRequest) (*proto.SetupResult, error) {
+func (s *Sandbox) connect(ctx, bootCtx context.Context, cancel context.CancelFunc, tr *tracer, tail *tailbuf.Buffer, req *proto.SetupRequest) (*proto.SetupResult, error) {
 	m := s.machine
 	go func() {
 		// A guest that dies during boot must not leave us waiting.
@@ -344,7 +345,7 @@ func (s *Sandbox) connect(ctx, bootCtx context.Context, cancel context.CancelFun
 	return res.Setup, nil
 }
 
-func (s *Sandbox) bootError(ctx, bootCtx context.Context, err error, tail *tailBuffer) error {
+func (s *Sandbox) bootError(ctx, bootCtx context.Context, err error, tail *tailbuf.Buffer) error {
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -542,29 +543,6 @@ func FindAgent(explicit string) (string, error) {
 		}
 	}
 	return "", errors.New("guest agent matchlock-guest not found next to matchlock: run 'make build' (or set MATCHLOCK_GUEST)")
-}
-
-// tailBuffer keeps the last max bytes written to it.
-type tailBuffer struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if len(t.b) > t.max {
-		t.b = append([]byte(nil), t.b[len(t.b)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.b)
 }
 
 func lastLines(s string, n int) string {

@@ -19,6 +19,7 @@ import (
 	"matchlock.dev/matchlock/guest/proto"
 	"matchlock.dev/matchlock/internal/initramfs"
 	"matchlock.dev/matchlock/internal/paths"
+	"matchlock.dev/matchlock/internal/tailbuf"
 	"matchlock.dev/matchlock/kernel"
 	"matchlock.dev/matchlock/snapshot/sparse"
 	"matchlock.dev/matchlock/vmm"
@@ -352,7 +353,7 @@ func restore(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	tr.mark("network")
 
 	console := opts.ConsoleLog
-	tail := &tailBuffer{max: 8 << 10}
+	tail := tailbuf.New(8 << 10)
 	if console == nil {
 		console = tail
 	} else {

@@ -2,6 +2,7 @@ package sandbox
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -12,7 +13,10 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"matchlock.dev/matchlock/guest/proto"
+	"matchlock.dev/matchlock/guest/proto/fsproto"
 	"matchlock.dev/matchlock/vmm"
 	"matchlock.dev/matchlock/workspace"
 )
@@ -126,12 +130,25 @@ type mountState struct {
 	notice func(string)
 	disks  bool // Options.Disks attached: sync them out on Stop as volumes are
 
+	windows int // FUSE shares that get a read window
+
 	mu      sync.Mutex
 	vols    []*workspace.Attachment
 	servers []*workspace.Server
+	mapped  [][]byte // read windows mapped from guest RAM
 	cancel  context.CancelFunc
 	serving sync.WaitGroup
 }
+
+// Read windows (see fsproto.FlagWindow): each FUSE share is offered
+// windowSize bytes of guest memory, one fsproto.MaxIO slot per read the
+// host runs at once, for at most maxWindows shares and no more than a
+// sixteenth of the guest's RAM in all (later shares read over the
+// stream).
+const (
+	windowSize = workspace.DefaultMaxBulkInFlight * fsproto.MaxIO
+	maxWindows = 8
+)
 
 type plannedMount struct {
 	req proto.MountRequest
@@ -244,6 +261,7 @@ func (s *Sandbox) prepareMounts(opts *Options, firstDisk int) ([]vmm.Disk, []vmm
 		dev := fmt.Sprintf("/dev/vd%c", 'a'+firstDisk+len(opts.Volumes)+i)
 		s.mnt.plan = append(s.mnt.plan, plannedMount{req: proto.MountRequest{Type: "ext4", Source: dev, Target: target}})
 	}
+	s.mnt.windows = min(maxWindows, opts.MemoryMiB<<20/16/windowSize)
 	// Parents before children, so that nested targets stack.
 	sort.SliceStable(s.mnt.plan, func(i, j int) bool {
 		return strings.Count(s.mnt.plan[i].req.Target, "/") < strings.Count(s.mnt.plan[j].req.Target, "/")
@@ -262,6 +280,8 @@ func (s *Sandbox) startMounts(ctx context.Context) error {
 	serveCtx, cancel := context.WithCancel(context.Background())
 	s.mnt.cancel = cancel
 	s.mnt.mu.Unlock()
+	_, canMap := s.machine.(vmm.GuestMemory)
+	windows := 0
 	for _, p := range s.mnt.plan {
 		req := p.req
 		if req.Type != "fuse" {
@@ -269,6 +289,10 @@ func (s *Sandbox) startMounts(ctx context.Context) error {
 				return fmt.Errorf("mount %s: %w", req.Target, err)
 			}
 			continue
+		}
+		if canMap && windows < s.mnt.windows {
+			req.WindowSize = windowSize
+			windows++
 		}
 		srv, err := workspace.New(workspace.Config{Dir: p.dir, ReadOnly: req.ReadOnly || req.Overlay})
 		if err != nil {
@@ -291,11 +315,95 @@ func (s *Sandbox) startMounts(ctx context.Context) error {
 				s.mnt.notice(fmt.Sprintf("share %s: %v", req.Target, err))
 			}
 		}()
-		if _, err := recvResult(ctx, st); err != nil {
+		if err := s.awaitMount(ctx, st, srv, req.WindowSize); err != nil {
 			return fmt.Errorf("mount %s on %s: %w", p.dir, req.Target, err)
 		}
 	}
 	return nil
+}
+
+// awaitMount waits for the guest to report a share mounted, first
+// answering its read window (if it was offered one).
+func (s *Sandbox) awaitMount(ctx context.Context, st *proto.Stream, srv *workspace.Server, windowSize uint64) error {
+	for {
+		b, err := st.RecvMsg(ctx)
+		if err != nil {
+			return err
+		}
+		m, err := proto.DecodeStreamMsg(b)
+		if err != nil {
+			return err
+		}
+		switch m.Type {
+		case proto.MsgResult:
+			return nil
+		case proto.MsgError:
+			return guestError(m)
+		case proto.MsgWindow:
+			if windowSize == 0 || m.Window == nil {
+				if m.Error != "" && s.mnt.notice != nil {
+					s.mnt.notice("share reads over the control channel: guest: " + m.Error)
+				}
+				continue
+			}
+			size := windowSize
+			windowSize = 0 // one offer, one answer
+			mem, err := mapWindow(s.machine.(vmm.GuestMemory), m.Window, size)
+			answer := proto.StreamMsg{Type: proto.MsgWindow}
+			if err != nil {
+				answer.Error = err.Error()
+				if s.mnt.notice != nil {
+					s.mnt.notice("share reads over the control channel: " + err.Error())
+				}
+			} else {
+				s.mnt.mu.Lock()
+				s.mnt.mapped = append(s.mnt.mapped, mem)
+				s.mnt.mu.Unlock()
+				srv.SetWindow(mem)
+			}
+			if err := st.SendMsg(proto.Encode(answer)); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// mapWindow maps the pages of a read window the guest names (size bytes,
+// see proto.WindowPages) and checks that each holds the guest's stamp, so
+// that a page mapped wrongly can never receive file data.
+func mapWindow(gm vmm.GuestMemory, p *proto.WindowPages, size uint64) ([]byte, error) {
+	page := uint64(os.Getpagesize())
+	if uint64(len(p.Frames)) != size/page*8 {
+		return nil, fmt.Errorf("read window: %d frame bytes for %d bytes", len(p.Frames), size)
+	}
+	var ranges []vmm.MemRange
+	for i := 0; i < len(p.Frames); i += 8 {
+		pfn := binary.BigEndian.Uint64(p.Frames[i:])
+		if pfn > 1<<40 {
+			return nil, fmt.Errorf("read window: frame %#x", pfn)
+		}
+		addr := pfn * page
+		if n := len(ranges); n > 0 && ranges[n-1].Addr+ranges[n-1].Size == addr {
+			ranges[n-1].Size += page
+			continue
+		}
+		ranges = append(ranges, vmm.MemRange{Addr: addr, Size: page})
+	}
+	mem, err := gm.MapGuest(ranges)
+	if err != nil {
+		return nil, fmt.Errorf("read window: %w", err)
+	}
+	if uint64(len(mem)) != size {
+		unix.Munmap(mem)
+		return nil, fmt.Errorf("read window: mapped %d bytes for %d", len(mem), size)
+	}
+	for i := uint64(0); i < size/page; i++ {
+		if binary.LittleEndian.Uint64(mem[i*page:]) != p.Nonce+i {
+			unix.Munmap(mem)
+			return nil, fmt.Errorf("read window: page %d is not the one the guest named", i)
+		}
+	}
+	return mem, nil
 }
 
 // syncVolumes has a guest with volumes write everything out and power off
@@ -341,5 +449,8 @@ func (s *Sandbox) releaseMounts() {
 	for _, a := range s.mnt.vols {
 		a.Release()
 	}
-	s.mnt.servers, s.mnt.vols = nil, nil
+	for _, mem := range s.mnt.mapped {
+		unix.Munmap(mem) // the servers are done with it (serving.Wait above)
+	}
+	s.mnt.servers, s.mnt.vols, s.mnt.mapped = nil, nil, nil
 }

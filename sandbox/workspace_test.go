@@ -167,6 +167,24 @@ func TestShareSmoke(t *testing.T) {
 	if err != nil || string(b) != "guest\n" {
 		t.Fatalf("host sees %q, %v", b, err)
 	}
+
+	// Reads come through the shared memory window, intact.
+	big := make([]byte, 5<<20+123)
+	for i := range big {
+		big[i] = byte(i*7 + i>>13)
+	}
+	os.WriteFile(filepath.Join(dir, "big"), big, 0o644)
+	sum := fmt.Sprintf("%x", sha256.Sum256(big))
+	if out := mustSh(t, sb, "sha256sum /workspace/big"); !strings.HasPrefix(out, sum) {
+		t.Fatalf("guest md5 %q, host %s", out, sum)
+	}
+	sb.mnt.mu.Lock()
+	st := sb.mnt.servers[0].Stats()
+	sb.mnt.mu.Unlock()
+	if st.WindowReads == 0 || st.StreamReads > st.WindowReads {
+		t.Fatalf("no read used the window: %+v", st)
+	}
+	t.Logf("reads: %d through the window, %d on the stream", st.WindowReads, st.StreamReads)
 }
 
 // TestShareSemantics runs the syscall checks in the guest on a read-write

@@ -72,10 +72,7 @@ func (b *Builder) AllowPrivate(targets ...string) *Builder {
 }
 
 // WithoutNetwork gives the sandbox no network interface at all.
-func (b *Builder) WithoutNetwork() *Builder {
-	b.p.NoNetwork = true
-	return b
-}
+func (b *Builder) WithoutNetwork() *Builder { return setParam(b, &b.p.NoNetwork, true) }
 
 // AddSecret makes value available to requests to hosts without it ever
 // entering the VM: the guest's $name holds a placeholder that is replaced
@@ -95,40 +92,22 @@ func (b *Builder) WithEnv(key, value string) *Builder {
 }
 
 // WithCPUs sets the number of virtual CPUs (default 1).
-func (b *Builder) WithCPUs(n int) *Builder {
-	b.p.CPUs = n
-	return b
-}
+func (b *Builder) WithCPUs(n int) *Builder { return setParam(b, &b.p.CPUs, n) }
 
 // WithMemory sets the guest memory in MiB (default 512).
-func (b *Builder) WithMemory(mib int) *Builder {
-	b.p.MemoryMiB = mib
-	return b
-}
+func (b *Builder) WithMemory(mib int) *Builder { return setParam(b, &b.p.MemoryMiB, mib) }
 
 // WithDiskSize sets the size of the writable layer in MiB (default 4096).
-func (b *Builder) WithDiskSize(mib int) *Builder {
-	b.p.DiskSizeMiB = mib
-	return b
-}
+func (b *Builder) WithDiskSize(mib int) *Builder { return setParam(b, &b.p.DiskSizeMiB, mib) }
 
 // WithWorkdir sets the default working directory of commands.
-func (b *Builder) WithWorkdir(dir string) *Builder {
-	b.p.Workdir = dir
-	return b
-}
+func (b *Builder) WithWorkdir(dir string) *Builder { return setParam(b, &b.p.Workdir, dir) }
 
 // WithUser sets the default user of commands ("name", "uid", "uid:gid").
-func (b *Builder) WithUser(user string) *Builder {
-	b.p.User = user
-	return b
-}
+func (b *Builder) WithUser(user string) *Builder { return setParam(b, &b.p.User, user) }
 
 // WithHostname sets the guest's hostname (default: the sandbox id).
-func (b *Builder) WithHostname(name string) *Builder {
-	b.p.Hostname = name
-	return b
-}
+func (b *Builder) WithHostname(name string) *Builder { return setParam(b, &b.p.Hostname, name) }
 
 // Mount mounts a host directory or a volume at guestPath:
 //
@@ -136,6 +115,13 @@ func (b *Builder) WithHostname(name string) *Builder {
 func (b *Builder) Mount(guestPath string, m MountConfig) *Builder {
 	m.GuestPath = guestPath
 	b.p.Mounts = append(b.p.Mounts, m)
+	return b
+}
+
+// setParam stores v in field, one of b's parameters, and returns b: the
+// body of each plain setter above.
+func setParam[T any](b *Builder, field *T, v T) *Builder {
+	*field = v
 	return b
 }
 

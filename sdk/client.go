@@ -28,8 +28,11 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
+
+	"matchlock.dev/matchlock/internal/tailbuf"
 )
 
 // ProtocolVersion is the protocol version this SDK speaks.
@@ -66,7 +69,7 @@ type Client struct {
 	cmd    *exec.Cmd
 	w      io.WriteCloser
 	wmu    sync.Mutex // held for one whole line
-	tail   *tailWriter
+	tail   *tailbuf.Buffer
 	closer sync.Once
 	exited chan struct{} // closed when the server process has been reaped
 
@@ -127,7 +130,7 @@ func startClient(cfg Config) (*Client, error) {
 	if stderr == nil {
 		stderr = os.Stderr
 	}
-	tail := &tailWriter{max: 4 << 10}
+	tail := tailbuf.New(4 << 10)
 	cmd.Stderr = io.MultiWriter(stderr, tail)
 	w, err := cmd.StdinPipe()
 	if err != nil {
@@ -158,7 +161,7 @@ func startClient(cfg Config) (*Client, error) {
 	}
 	if err := c.call(ctx, "ping", nil, nil, &pong); err != nil {
 		c.Close()
-		return nil, fmt.Errorf("matchlock: %s rpc did not start: %w%s", bin, err, c.tail.suffix())
+		return nil, fmt.Errorf("matchlock: %s rpc did not start: %w%s", bin, err, stderrSuffix(c.tail))
 	}
 	if pong.ProtocolVersion != ProtocolVersion {
 		c.Close()
@@ -169,13 +172,13 @@ func startClient(cfg Config) (*Client, error) {
 
 // newConn makes a Client over any line stream (tests use pipes).
 func newConn(r io.Reader, w io.WriteCloser) *Client {
-	c := &Client{w: w, pending: map[int64]*pending{}, done: make(chan struct{}), exited: make(chan struct{}), tail: &tailWriter{}}
+	c := &Client{w: w, pending: map[int64]*pending{}, done: make(chan struct{}), exited: make(chan struct{}), tail: tailbuf.New(0)}
 	go c.readLoop(r)
 	return c
 }
 
 func brokenClient(err error) *Client {
-	c := &Client{pending: map[int64]*pending{}, done: make(chan struct{}), exited: make(chan struct{}), tail: &tailWriter{}}
+	c := &Client{pending: map[int64]*pending{}, done: make(chan struct{}), exited: make(chan struct{}), tail: tailbuf.New(0)}
 	c.err = err
 	close(c.done)
 	close(c.exited)
@@ -229,7 +232,7 @@ func (c *Client) readLoop(r io.Reader) {
 		line, err := readLine(br)
 		if err != nil {
 			if err == io.EOF {
-				err = fmt.Errorf("%w: the server exited%s", ErrClosed, c.tail.suffix())
+				err = fmt.Errorf("%w: the server exited%s", ErrClosed, stderrSuffix(c.tail))
 			}
 			c.fail(err)
 			return
@@ -340,7 +343,7 @@ func (c *Client) writeLine(v any) error {
 		return err
 	}
 	if _, err := c.w.Write(b); err != nil {
-		err = fmt.Errorf("%w: write to the server: %v%s", ErrClosed, err, c.tail.suffix())
+		err = fmt.Errorf("%w: write to the server: %v%s", ErrClosed, err, stderrSuffix(c.tail))
 		c.fail(err)
 		return err
 	}
@@ -389,35 +392,12 @@ func (c *Client) call(ctx context.Context, method string, params any, onNote fun
 	return c.await(ctx, id, p, out)
 }
 
-// tailWriter keeps the last bytes of the server's stderr for error messages.
-type tailWriter struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
-}
-
-func (t *tailWriter) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if len(t.b) > t.max {
-		t.b = append([]byte(nil), t.b[len(t.b)-t.max:]...)
-	}
-	return len(p), nil
-}
-
-func (t *tailWriter) suffix() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if len(t.b) == 0 {
+// stderrSuffix quotes what is kept of the server's stderr for an error
+// message ("" when nothing was).
+func stderrSuffix(tail *tailbuf.Buffer) string {
+	s := tail.String()
+	if s == "" {
 		return ""
 	}
-	return " (server stderr: " + string(trimNL(t.b)) + ")"
-}
-
-func trimNL(b []byte) []byte {
-	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r') {
-		b = b[:len(b)-1]
-	}
-	return b
+	return " (server stderr: " + strings.TrimRight(s, "\r\n") + ")"
 }

@@ -100,6 +100,28 @@ type Machine interface {
 	Pid() int
 }
 
+// GuestMemory is implemented by machines whose RAM this process can map.
+type GuestMemory interface {
+	// MapGuest maps the given guest-physical ranges of the machine's RAM
+	// (page-aligned, each inside RAM), in order, into one contiguous
+	// mapping in this process: what the guest writes there, this process
+	// reads, and the reverse. The mapping stays valid after the machine
+	// exits (the pages are this process's); the caller unmaps it
+	// (unix.Munmap) once nothing uses it. It fails with
+	// ErrNoGuestMemory when the machine's RAM cannot be shared (a machine
+	// restored from a snapshot file).
+	MapGuest(ranges []MemRange) ([]byte, error)
+}
+
+// MemRange is a range of guest-physical memory.
+type MemRange struct {
+	Addr, Size uint64
+}
+
+// ErrNoGuestMemory is returned by GuestMemory.MapGuest when the machine's
+// RAM cannot be mapped.
+var ErrNoGuestMemory = errors.New("machine RAM cannot be shared")
+
 // Snapshotter is implemented by machines that can be snapshotted. The
 // caller quiesces the guest first (nothing in flight on the control
 // channel), then:

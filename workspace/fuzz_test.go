@@ -51,8 +51,15 @@ func FuzzServer(f *testing.F) {
 		&fsproto.Request{Op: fsproto.OpRename, Node: 1, Name: "abs", Node2: 1, Name2: "file", OFlags: unix.RENAME_EXCHANGE},
 		&fsproto.Request{Op: fsproto.OpForget, Data: fsproto.AppendForget(nil, fsproto.ForgetItem{Node: 2, Count: 1})},
 	))
+	f.Add(seq(
+		&fsproto.Request{Op: fsproto.OpLookup, Node: 1, Name: "file"},
+		&fsproto.Request{Op: fsproto.OpRead, Flags: fsproto.FlagWindow, Node: 2, Node2: 1<<16 - 3, Size: 6},
+		&fsproto.Request{Op: fsproto.OpRead, Flags: fsproto.FlagWindow, Node: 2, Node2: 1<<16 - 6, Size: 6},
+	))
 	f.Fuzz(func(t *testing.T, b []byte) {
+		window := make([]byte, 3<<16)
 		c := newTC(t, Config{MaxNodes: 64, MaxHandles: 16})
+		c.s.SetWindow(window[1<<16 : 2<<16 : 2<<16])
 		os.WriteFile(filepath.Join(c.dir, "file"), []byte("inside"), 0o644)
 		os.Symlink(c.out, filepath.Join(c.dir, "up"))
 		os.Symlink("../outside/secret", filepath.Join(c.dir, "abs"))
@@ -77,5 +84,11 @@ func FuzzServer(f *testing.F) {
 			c.s.Handle(req)
 		}
 		c.checkOutside()
+		// Window reads stay inside the window they were given.
+		for i, b := range window {
+			if b != 0 && (i < 1<<16 || i >= 2<<16) {
+				t.Fatalf("byte %d outside the window written", i)
+			}
+		}
 	})
 }

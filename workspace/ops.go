@@ -603,8 +603,20 @@ func (s *Server) read(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 	}
 	defer done()
 	size := int(req.Size)
-	out = slices.Grow(out, size)
-	buf := out[len(out) : len(out)+size]
+	var buf []byte
+	if req.Flags&fsproto.FlagWindow != 0 {
+		var w []byte
+		if p := s.window.Load(); p != nil {
+			w = *p
+		}
+		if req.Node2 > uint64(len(w)) || uint64(size) > uint64(len(w))-req.Node2 {
+			return out, unix.EINVAL
+		}
+		buf = w[req.Node2 : req.Node2+uint64(size)]
+	} else {
+		out = slices.Grow(out, size)
+		buf = out[len(out) : len(out)+size]
+	}
 	got := 0
 	for got < size {
 		k, err := unix.Pread(fd, buf[got:], int64(req.Off)+int64(got))
@@ -622,6 +634,11 @@ func (s *Server) read(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 		}
 		got += k
 	}
+	if req.Flags&fsproto.FlagWindow != 0 {
+		s.windowReads.Add(1)
+		return fsproto.AppendUint32(out, uint32(got)), 0
+	}
+	s.streamReads.Add(1)
 	return out[:len(out)+got], 0
 }
 

@@ -110,7 +110,17 @@ type Server struct {
 	closed   bool
 
 	served atomic.Bool
+
+	window                   atomic.Pointer[[]byte] // see SetWindow
+	windowReads, streamReads atomic.Uint64
 }
+
+// SetWindow gives the server the mount's read window: guest memory this
+// process maps (proto.MountRequest.WindowSize). Reads with
+// fsproto.FlagWindow put their data there, at the offset they name. The
+// guest may change the window's bytes at any time; the server only writes
+// into it. Set it before the guest learns it may use it.
+func (s *Server) SetWindow(w []byte) { s.window.Store(&w) }
 
 // inoKey identifies an inode on the host.
 type inoKey struct{ dev, ino uint64 }
@@ -232,16 +242,20 @@ func (s *Server) Close() error {
 	return nil
 }
 
-// Stats are a server's current table sizes.
+// Stats are a server's current table sizes and counters.
 type Stats struct {
 	Nodes, Handles int
+	// WindowReads and StreamReads count the reads answered through the
+	// shared memory window and on the stream.
+	WindowReads, StreamReads uint64
 }
 
-// Stats returns the current table sizes.
+// Stats returns the current table sizes and counters.
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Nodes: len(s.nodes), Handles: len(s.handles)}
+	return Stats{Nodes: len(s.nodes), Handles: len(s.handles),
+		WindowReads: s.windowReads.Load(), StreamReads: s.streamReads.Load()}
 }
 
 // ErrMalformed matches the error Serve returns when the guest broke the

@@ -407,3 +407,41 @@ func TestDirAttrsInReplies(t *testing.T) {
 		t.Fatalf("rmdir: %d bytes, nlink %d", len(b), a.Nlink)
 	}
 }
+
+// TestWindowRead: reads with FlagWindow land in the window at the offset
+// asked for, the reply carries the count, and anything reaching past the
+// window (or a server without one) gets EINVAL.
+func TestWindowRead(t *testing.T) {
+	window := make([]byte, 64<<10)
+	c := newTC(t, Config{})
+	c.s.SetWindow(window)
+	if err := os.WriteFile(filepath.Join(c.dir, "f"), []byte("window data"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	n, _, e := c.lookup(RootNode, "f")
+	if e != 0 {
+		t.Fatal(e)
+	}
+	b := c.must(&fsproto.Request{Op: fsproto.OpRead, Flags: fsproto.FlagWindow, Node: n, Node2: 100, Off: 7, Size: 100})
+	if got, ok := fsproto.Uint32(b); !ok || len(b) != 4 || got != 4 {
+		t.Fatalf("reply %x", b)
+	}
+	if string(window[100:104]) != "data" || window[99] != 0 || window[104] != 0 {
+		t.Fatalf("window %q", window[96:108])
+	}
+	c.must(&fsproto.Request{Op: fsproto.OpRead, Node: n, Size: 100})
+	if st := c.s.Stats(); st.WindowReads != 1 || st.StreamReads != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	for _, off := range []uint64{uint64(len(window)) - 99, uint64(len(window)), 1 << 29} {
+		if _, e := c.do(&fsproto.Request{Op: fsproto.OpRead, Flags: fsproto.FlagWindow, Node: n, Node2: off, Size: 100}); e != unix.EINVAL {
+			t.Errorf("offset %d: errno %v, want EINVAL", off, e)
+		}
+	}
+	plain := newTC(t, Config{})
+	os.WriteFile(filepath.Join(plain.dir, "f"), []byte("x"), 0o644)
+	n, _, _ = plain.lookup(RootNode, "f")
+	if _, e := plain.do(&fsproto.Request{Op: fsproto.OpRead, Flags: fsproto.FlagWindow, Node: n, Size: 1}); e != unix.EINVAL {
+		t.Errorf("no window: errno %v, want EINVAL", e)
+	}
+}

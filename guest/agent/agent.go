@@ -27,6 +27,11 @@ const ControlPortName = "matchlock.ctl"
 const ProbeMarker = "MATCHLOCK-PROBE-OK"
 
 // Main is the guest agent's entry point. It never returns when PID 1.
+// guestWindow is the receive window the agent grants the host per
+// (stream, channel): each credit frame costs a port write, expensive
+// under TCG, so a large window streams faster (see docs/workspace.md).
+const guestWindow = 4 << 20
+
 func Main() {
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "matchlock-guest: must run as PID 1 inside a matchlock VM")
@@ -73,7 +78,7 @@ func run() error {
 		return fmt.Errorf("open control port %s: %w", port, err)
 	}
 	link := proto.NewLink(newVport(f)) // a handoff replaces the Conn, never the port
-	conn := proto.NewConn(link, proto.Config{Initiator: false, Role: "guest", Window: 4 << 20})
+	conn := proto.NewConn(link, proto.Config{Initiator: false, Role: "guest", Window: guestWindow})
 	ctx := context.Background()
 	if _, err := conn.Handshake(ctx); err != nil {
 		return fmt.Errorf("handshake: %w", err)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"matchlock.dev/matchlock/guest/proto"
 	"matchlock.dev/matchlock/guest/proto/fsproto"
@@ -54,6 +55,9 @@ type fsClient struct {
 
 	lastRelieve atomic.Int64
 
+	win   *memWindow // nil: reads travel on the stream
+	fresh *freshDirs
+
 	// dirs holds directory attributes that came with the reply to a
 	// change in the directory, for the GETATTR the kernel sends next.
 	dirMu sync.Mutex
@@ -81,10 +85,11 @@ type fsCall struct {
 	n     int
 }
 
-func newFSClient(st *proto.Stream, uid, gid uint32, ttl time.Duration) *fsClient {
+func newFSClient(st *proto.Stream, uid, gid uint32, ttl time.Duration, win *memWindow) *fsClient {
 	c := &fsClient{
 		RawFileSystem: fuse.NewDefaultRawFileSystem(),
-		st:            st, uid: uid, gid: gid, ttl: ttl,
+		st:            st, uid: uid, gid: gid, ttl: ttl, win: win,
+		fresh:   newFreshDirs(ttl),
 		pending: map[uint32]*fsCall{},
 		dirs:    map[uint64]dirAttr{},
 	}
@@ -307,8 +312,15 @@ func (c *fsClient) fillEntry(node uint64, a *fsproto.Attr, out *fuse.EntryOut) {
 
 // entry runs a request whose reply is an entry.
 func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
+	parent := req.Node
+	if req.Op == fsproto.OpLink {
+		parent = req.Node2
+	}
 	call, st := c.call(req, nil, nil)
 	if st != fuse.OK {
+		if st == fuse.Status(syscall.EEXIST) {
+			c.fresh.drop(parent) // the host has a name we did not make
+		}
 		return st
 	}
 	node, a, ok := fsproto.DecodeEntry(call.body)
@@ -317,6 +329,12 @@ func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
 	}
 	c.fillEntry(node, &a, out)
 	c.noteDirs(req, call.body[fsproto.EntrySize:])
+	if req.Op != fsproto.OpLookup {
+		c.fresh.add(parent, req.Name)
+	}
+	if req.Op == fsproto.OpMkdir {
+		c.fresh.made(node)
+	}
 	return fuse.OK
 }
 
@@ -371,13 +389,31 @@ func (c *fsClient) attrReply(req *fsproto.Request, out *fuse.AttrOut) fuse.Statu
 
 func (c *fsClient) simple(req *fsproto.Request) fuse.Status {
 	call, st := c.call(req, nil, nil)
-	if st == fuse.OK && fsproto.DirAttrs(req.Op) > 0 {
+	if st != fuse.OK {
+		return st
+	}
+	if fsproto.DirAttrs(req.Op) > 0 {
 		c.noteDirs(req, call.body)
 	}
-	return st
+	switch {
+	case req.Op == fsproto.OpUnlink || req.Op == fsproto.OpRmdir:
+		c.fresh.remove(req.Node, req.Name)
+	case req.Op == fsproto.OpRename && req.OFlags&^unix.RENAME_NOREPLACE == 0:
+		c.fresh.remove(req.Node, req.Name)
+		c.fresh.add(req.Node2, req.Name2)
+	case req.Op == fsproto.OpRename: // exchange, whiteout
+		c.fresh.drop(req.Node)
+		c.fresh.drop(req.Node2)
+	}
+	return fuse.OK
 }
 
 func (c *fsClient) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
+	if left, ok := c.fresh.absent(h.NodeId, name); ok {
+		*out = fuse.EntryOut{}
+		out.SetEntryTimeout(min(c.ttl, left))
+		return fuse.OK
+	}
 	st := c.entry(&fsproto.Request{Op: fsproto.OpLookup, Node: h.NodeId, Name: name}, out)
 	if st == fuse.ENOENT {
 		// A negative entry: the kernel remembers the name is absent.
@@ -389,6 +425,7 @@ func (c *fsClient) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string,
 }
 
 func (c *fsClient) Forget(node, n uint64) {
+	c.fresh.drop(node) // the host may reuse the node number once forgotten
 	c.post(nil, &fsproto.ForgetItem{Node: node, Count: n})
 }
 
@@ -506,8 +543,12 @@ func (c *fsClient) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string
 	call, st := c.call(&fsproto.Request{Op: fsproto.OpCreate, Flags: fsproto.FlagNoHandle, Node: in.NodeId, Name: name,
 		Mode: in.Mode, Umask: in.Umask, OFlags: in.Flags}, nil, nil)
 	if st != fuse.OK {
+		if st == fuse.Status(syscall.EEXIST) {
+			c.fresh.drop(in.NodeId)
+		}
 		return st
 	}
+	c.fresh.add(in.NodeId, name)
 	node, a, ok := fsproto.DecodeEntry(call.body)
 	fh, ok2 := fsproto.Uint64(call.body[min(len(call.body), fsproto.EntrySize):])
 	if !ok || !ok2 {
@@ -521,7 +562,13 @@ func (c *fsClient) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string
 
 func (c *fsClient) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {
 	size := min(int(in.Size), len(buf), fsproto.MaxIO)
-	call, st := c.call(&fsproto.Request{Op: fsproto.OpRead, Node: in.NodeId, Fh: in.Fh, Off: in.Offset, Size: uint64(size)}, nil, buf[:size])
+	req := &fsproto.Request{Op: fsproto.OpRead, Node: in.NodeId, Fh: in.Fh, Off: in.Offset, Size: uint64(size)}
+	if c.win != nil {
+		if res, st, ok := c.windowRead(req); ok {
+			return res, st
+		}
+	}
+	call, st := c.call(req, nil, buf[:size])
 	if st != fuse.OK {
 		return nil, st
 	}

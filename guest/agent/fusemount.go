@@ -148,7 +148,11 @@ func mountShare(st *proto.Stream, req *proto.MountRequest, target string) error 
 	if req.ReadOnly || req.Overlay {
 		flags |= unix.MS_RDONLY
 	}
-	c := newFSClient(st, id.UID, id.GID, ttl)
+	var win *memWindow
+	if req.WindowSize > 0 {
+		win = offerWindow(st, req.WindowSize) // nil: reads go over the stream
+	}
+	c := newFSClient(st, id.UID, id.GID, ttl, win)
 	source := "matchlock"
 	if req.Source != "" {
 		source = "matchlock:" + strings.Map(func(r rune) rune {

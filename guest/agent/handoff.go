@@ -122,7 +122,7 @@ func (s *server) handoff(st *proto.Stream) {
 func (s *server) awaitHost(link *proto.Link, next chan struct{}) {
 	logged := false
 	for {
-		c := proto.NewConn(link, proto.Config{Initiator: false, Role: "guest", AwaitHello: true})
+		c := proto.NewConn(link, proto.Config{Initiator: false, Role: "guest", AwaitHello: true, Window: guestWindow})
 		_, err := c.Handshake(context.Background())
 		if err == nil {
 			s.mu.Lock()

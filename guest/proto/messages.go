@@ -134,6 +134,20 @@ type MountRequest struct {
 	CacheMillis int `json:"cache_ms,omitempty"`
 	// Options is extra mount data (9p, ext4).
 	Options string `json:"options,omitempty"`
+	// WindowSize (fuse), when positive, offers a read window of that many
+	// bytes: the guest pins that much memory, names its pages in a
+	// MsgWindow before mounting, and if the host accepts, read replies
+	// land there instead of on the stream (fsproto.FlagWindow).
+	WindowSize uint64 `json:"window_size,omitempty"`
+}
+
+// WindowPages names a read window's memory (StreamMsg.Window): the
+// guest-physical frame number of each page, in order, and a nonce. The
+// first 8 bytes of page i hold Nonce+i (little-endian), which lets the host
+// check that it mapped the pages the guest meant.
+type WindowPages struct {
+	Frames []byte `json:"frames"` // big-endian u64 page frame numbers
+	Nonce  uint64 `json:"nonce"`
 }
 
 // Msg types exchanged on a stream after it is open.
@@ -144,6 +158,7 @@ const (
 	MsgSignal  = "signal"  // host → guest: deliver a signal
 	MsgResize  = "resize"  // host → guest: PTY window size
 	MsgResult  = "result"  // guest → host: generic success with optional payload
+	MsgWindow  = "window"  // mount: guest → host: a read window's pages; host → guest: accepted (no Error) or not
 )
 
 // StreamMsg is a control message within a stream.
@@ -165,6 +180,8 @@ type StreamMsg struct {
 	Setup *SetupResult `json:"setup,omitempty"`
 	Files []FileInfo   `json:"files,omitempty"`
 	Size  int64        `json:"size,omitempty"`
+	// MsgWindow (guest → host)
+	Window *WindowPages `json:"window,omitempty"`
 }
 
 // FileInfo is one entry of a listing.
@@ -221,7 +238,7 @@ func DecodeStreamMsg(b []byte) (*StreamMsg, error) {
 		return nil, fmt.Errorf("stream message: %w", err)
 	}
 	switch m.Type {
-	case MsgStarted, MsgExit, MsgError, MsgSignal, MsgResize, MsgResult:
+	case MsgStarted, MsgExit, MsgError, MsgSignal, MsgResize, MsgResult, MsgWindow:
 	default:
 		return nil, fmt.Errorf("stream message: unknown type %q", m.Type)
 	}

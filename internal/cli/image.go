@@ -57,7 +57,7 @@ func newImageLsCmd() *cobra.Command {
 					if imgs == nil {
 						imgs = []*image.Image{}
 					}
-					return imageWriteJSON(out, imgs)
+					return writeJSON(out, imgs)
 				}
 				tw := tabwriter.NewWriter(out, 0, 4, 3, ' ', 0)
 				fmt.Fprintln(tw, "REPOSITORY:TAG\tDIGEST\tSIZE\tCREATED")
@@ -157,7 +157,7 @@ func newImageInspectCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return imageWriteJSON(cmd.OutOrStdout(), img)
+				return writeJSON(cmd.OutOrStdout(), img)
 			})
 		},
 	}
@@ -183,7 +183,8 @@ func newImagePruneCmd() *cobra.Command {
 	}
 }
 
-func imageWriteJSON(w io.Writer, v any) error {
+// writeJSON prints v as indented JSON.
+func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -53,6 +52,26 @@ func lookup(db *state.DB, ref string) (*state.Record, error) {
 	return r, err
 }
 
+// findSandbox is lookup over a connection of its own.
+func findSandbox(ref string) (*state.Record, error) {
+	db, err := openState()
+	if err != nil {
+		return nil, err
+	}
+	defer db.Close()
+	return lookup(db, ref)
+}
+
+// active says whether r's supervisor is (meant to be) up.
+func active(r *state.Record) bool {
+	return r.Status == state.StatusRunning || r.Status == state.StatusStarting
+}
+
+// ended says whether r has stopped or crashed: what rm --stopped and prune remove.
+func ended(r *state.Record) bool {
+	return r.Status == state.StatusStopped || r.Status == state.StatusCrashed
+}
+
 func newExecCmd() *cobra.Command {
 	var (
 		env        []string
@@ -68,12 +87,7 @@ command. Processes the command starts in the background keep running after
 it returns, until the sandbox stops.`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			db, err := openState()
-			if err != nil {
-				return failure(err)
-			}
-			r, err := lookup(db, args[0])
-			db.Close()
+			r, err := findSandbox(args[0])
 			if err != nil {
 				return failure(err)
 			}
@@ -152,9 +166,7 @@ func newListCmd() *cobra.Command {
 				if out == nil {
 					out = []*state.Record{}
 				}
-				enc := json.NewEncoder(w)
-				enc.SetIndent("", "  ")
-				return enc.Encode(out)
+				return writeJSON(w, out)
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tNAME\tSTATUS\tIMAGE\tCREATED")
@@ -188,12 +200,7 @@ func newInspectCmd() *cobra.Command {
 		Short: "Show a sandbox's configuration and state as JSON (never secret values)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			db, err := openState()
-			if err != nil {
-				return err
-			}
-			defer db.Close()
-			r, err := lookup(db, args[0])
+			r, err := findSandbox(args[0])
 			if err != nil {
 				return err
 			}
@@ -213,9 +220,7 @@ func newInspectCmd() *cobra.Command {
 					out["writable_layer_bytes"] = st.Blocks * 512
 				}
 			}
-			enc := json.NewEncoder(cmd.OutOrStdout())
-			enc.SetIndent("", "  ")
-			return enc.Encode(out)
+			return writeJSON(cmd.OutOrStdout(), out)
 		},
 	}
 }
@@ -223,7 +228,7 @@ func newInspectCmd() *cobra.Command {
 // stop asks a running sandbox to stop; after grace it kills the
 // supervisor (QEMU dies with it).
 func stop(db *state.DB, r *state.Record, grace time.Duration) error {
-	if r.Status != state.StatusRunning && r.Status != state.StatusStarting {
+	if !active(r) {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), grace)
@@ -248,27 +253,40 @@ func newKillCmd() *cobra.Command {
 			if all == (len(args) > 0) {
 				return errors.New("kill: give sandbox IDs or --all")
 			}
-			db, err := openState()
-			if err != nil {
-				return err
-			}
-			defer db.Close()
-			targets, err := resolveTargets(db, args, all, func(r *state.Record) bool { return r.Status == state.StatusRunning })
-			if err != nil {
-				return err
-			}
-			for _, r := range targets {
+			running := func(r *state.Record) bool { return r.Status == state.StatusRunning }
+			return forEachTarget(cmd.OutOrStdout(), args, all, running, func(db *state.DB, r *state.Record) error {
 				if err := stop(db, r, time.Duration(timeout)*time.Second); err != nil {
 					return fmt.Errorf("kill %s: %w", r.ID, err)
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), r.ID)
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&all, "all", false, "every running sandbox")
 	cmd.Flags().IntVar(&timeout, "timeout", 10, "seconds to wait before forcing")
 	return cmd
+}
+
+// forEachTarget runs act on the sandboxes named by args (with all: every
+// one pick selects) and prints the id of each it acted on. Every name is
+// looked up before act runs at all; the first error stops the loop.
+func forEachTarget(w io.Writer, args []string, all bool, pick func(*state.Record) bool, act func(*state.DB, *state.Record) error) error {
+	db, err := openState()
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	targets, err := resolveTargets(db, args, all, pick)
+	if err != nil {
+		return err
+	}
+	for _, r := range targets {
+		if err := act(db, r); err != nil {
+			return err
+		}
+		fmt.Fprintln(w, r.ID)
+	}
+	return nil
 }
 
 func resolveTargets(db *state.DB, args []string, all bool, pick func(*state.Record) bool) ([]*state.Record, error) {
@@ -313,19 +331,8 @@ func newRmCmd() *cobra.Command {
 			if stopped == (len(args) > 0) {
 				return errors.New("rm: give sandbox IDs or --stopped")
 			}
-			db, err := openState()
-			if err != nil {
-				return err
-			}
-			defer db.Close()
-			targets, err := resolveTargets(db, args, stopped, func(r *state.Record) bool {
-				return r.Status == state.StatusStopped || r.Status == state.StatusCrashed
-			})
-			if err != nil {
-				return err
-			}
-			for _, r := range targets {
-				if r.Status == state.StatusRunning || r.Status == state.StatusStarting {
+			return forEachTarget(cmd.OutOrStdout(), args, stopped, ended, func(db *state.DB, r *state.Record) error {
+				if active(r) {
 					if !force {
 						return fmt.Errorf("rm %s: sandbox is %s: 'matchlock kill %s' first, or rm --force", r.ID, r.Status, r.ID)
 					}
@@ -336,9 +343,8 @@ func newRmCmd() *cobra.Command {
 				if err := remove(db, r); err != nil {
 					return fmt.Errorf("rm %s: %w", r.ID, err)
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), r.ID)
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&stopped, "stopped", false, "every stopped or crashed sandbox")
@@ -363,7 +369,7 @@ func newPruneCmd() *cobra.Command {
 			}
 			n := 0
 			for _, r := range rs {
-				if r.Status == state.StatusStopped || r.Status == state.StatusCrashed {
+				if ended(r) {
 					if err := remove(db, r); err != nil {
 						return err
 					}
@@ -498,7 +504,7 @@ func newLogsCmd() *cobra.Command {
 					io.Copy(w, f)
 				}
 				cur, err := db.Get(r.ID)
-				if err != nil || (cur.Status != state.StatusRunning && cur.Status != state.StatusStarting) {
+				if err != nil || !active(cur) {
 					if f != nil {
 						io.Copy(w, f)
 					}

@@ -20,12 +20,7 @@ func init() {
 
 // runningSandbox resolves ref to a running sandbox's id.
 func runningSandbox(ref string) (string, error) {
-	db, err := openState()
-	if err != nil {
-		return "", err
-	}
-	defer db.Close()
-	r, err := lookup(db, ref)
+	r, err := findSandbox(ref)
 	if err != nil {
 		return "", err
 	}

@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -46,10 +45,7 @@ func restoreOptions(f *runFlags, opts *sandbox.Options) (release func(), err err
 	}
 	defer db.Close()
 	store := snapshot.Open(db)
-	e, err := store.Get(f.snapshot)
-	if errors.Is(err, state.ErrNoSnapshot) {
-		return nil, fmt.Errorf("no snapshot %q: see 'matchlock snapshot ls'", f.snapshot)
-	}
+	e, err := getSnapshot(store, f.snapshot)
 	if err != nil {
 		return nil, err
 	}
@@ -86,6 +82,20 @@ func restoreOptions(f *runFlags, opts *sandbox.Options) (release func(), err err
 			db.Close()
 		}
 	}, nil
+}
+
+// getSnapshot is store.Get, with the user's message for an unknown name.
+func getSnapshot(store *snapshot.Store, name string) (*snapshot.Entry, error) {
+	e, err := store.Get(name)
+	if errors.Is(err, state.ErrNoSnapshot) {
+		return nil, noSnapshot(name)
+	}
+	return e, err
+}
+
+// noSnapshot is the error for a snapshot name that names none.
+func noSnapshot(name string) error {
+	return fmt.Errorf("no snapshot %q: see 'matchlock snapshot ls'", name)
 }
 
 func newSnapshotCmd() *cobra.Command {
@@ -169,9 +179,7 @@ func newSnapshotListCmd() *cobra.Command {
 				if es == nil {
 					es = []*snapshot.Entry{}
 				}
-				enc := json.NewEncoder(w)
-				enc.SetIndent("", "  ")
-				return enc.Encode(es)
+				return writeJSON(w, es)
 			}
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSOURCE\tIMAGE\tSIZE\tMEMORY\tLAYER\tUSERS\tCREATED")
@@ -215,16 +223,11 @@ func newSnapshotInspectCmd() *cobra.Command {
 				return err
 			}
 			defer db.Close()
-			e, err := snapshot.Open(db).Get(args[0])
-			if errors.Is(err, state.ErrNoSnapshot) {
-				return fmt.Errorf("no snapshot %q: see 'matchlock snapshot ls'", args[0])
-			}
+			e, err := getSnapshot(snapshot.Open(db), args[0])
 			if err != nil {
 				return err
 			}
-			enc := json.NewEncoder(cmd.OutOrStdout())
-			enc.SetIndent("", "  ")
-			return enc.Encode(e)
+			return writeJSON(cmd.OutOrStdout(), e)
 		},
 	}
 }
@@ -244,7 +247,7 @@ func newSnapshotRmCmd() *cobra.Command {
 			for _, name := range args {
 				if err := store.Remove(name); err != nil {
 					if errors.Is(err, state.ErrNoSnapshot) {
-						return fmt.Errorf("no snapshot %q: see 'matchlock snapshot ls'", name)
+						return noSnapshot(name)
 					}
 					return fmt.Errorf("snapshot rm: %w", err)
 				}

@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"encoding/json"
 	"fmt"
 	"text/tabwriter"
 
@@ -61,9 +60,7 @@ func newVolumeLsCmd() *cobra.Command {
 				if vols == nil {
 					vols = []workspace.VolumeInfo{}
 				}
-				enc := json.NewEncoder(out)
-				enc.SetIndent("", "  ")
-				return enc.Encode(vols)
+				return writeJSON(out, vols)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NAME\tSIZE\tUSED\tIN USE")

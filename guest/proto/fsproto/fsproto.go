@@ -117,7 +117,15 @@ const (
 	FlagDatasync uint8 = 1 << 1 // fsync, fsyncdir: only data
 	FlagPlus     uint8 = 1 << 2 // readdir: with entries (READDIRPLUS)
 	FlagNoHandle uint8 = 1 << 3 // create: keep no handle, reply fh 0 (I/O then goes by node)
+	// FlagWindow (read): the host writes the data into the mount's read
+	// window (guest memory it maps, see proto.MountRequest.WindowSize) at
+	// offset Node2 instead of into the reply, whose body is then the byte
+	// count (u32). A host without a window answers EINVAL.
+	FlagWindow uint8 = 1 << 4
 )
+
+// MaxWindow bounds a mount's read window.
+const MaxWindow = 1 << 30
 
 // Setattr Valid bits.
 const (
@@ -173,7 +181,7 @@ type Request struct {
 	Flags uint8
 
 	Node  uint64 // the inode the op is on, or the parent directory
-	Node2 uint64 // rename: new parent; link: new parent
+	Node2 uint64 // rename: new parent; link: new parent; read with FlagWindow: window offset
 	Fh    uint64
 	Off   uint64
 	Size  uint64 // read/readdir/getxattr/listxattr: reply budget; setattr: new size; fallocate: length
@@ -224,7 +232,7 @@ var opSpecs = [opEnd]opSpec{
 	OpLink:        {name: component},
 	OpOpen:        {},
 	OpCreate:      {name: component, flags: FlagNoHandle},
-	OpRead:        {maxSize: MaxIO},
+	OpRead:        {flags: FlagWindow, maxSize: MaxIO},
 	OpWrite:       {maxData: MaxIO},
 	OpRelease:     {},
 	OpFsync:       {flags: FlagDatasync},
@@ -351,6 +359,10 @@ func (r *Request) Validate() error {
 	case OpSetattr:
 		if r.Valid&^setAll != 0 {
 			return malformed("setattr: valid %#x", r.Valid)
+		}
+	case OpRead:
+		if r.Flags&FlagWindow != 0 && r.Node2 > MaxWindow {
+			return malformed("read: window offset %d", r.Node2)
 		}
 	}
 	return nil

@@ -19,6 +19,7 @@ func sampleRequests() []*Request {
 		{Tag: 7, Op: OpForget, Data: AppendForget(AppendForget(nil, ForgetItem{2, 1}), ForgetItem{3, 9})},
 		{Tag: 8, Op: OpSetxattr, Node: 2, Name: "user.x/y", Data: []byte{0, 1, 2}},
 		{Tag: 9, Op: OpReaddir, Fh: 4, Flags: FlagPlus, Size: 4096},
+		{Tag: 10, Op: OpRead, Node: 7, Flags: FlagWindow, Node2: 3 << 20, Size: MaxIO},
 	}
 }
 
@@ -64,6 +65,8 @@ func TestRequestRejects(t *testing.T) {
 		{Op: OpForget, Data: []byte("short")},
 		{Op: OpForget},
 		{Op: OpGetattr, Flags: FlagPlus},
+		{Op: OpWrite, Flags: FlagWindow},
+		{Op: OpRead, Flags: FlagWindow, Node2: MaxWindow + 1, Size: 1},
 		{Op: OpSetattr, Valid: 1 << 20},
 		{Op: OpSetattr, Atime: Timespec{Nsec: 1e9}},
 		{Op: 0},
