@@ -267,9 +267,11 @@ echo new > /ov/new
 mv /ov/sub/deep/f /ov/moved
 mkdir -p /ov/sub/deep/more && echo x > /ov/sub/deep/more/y
 chmod 600 /ov/keep
+ln /ov/keep /ov/link
+[ "$(stat -c %d:%i:%h /ov/keep)" = "$(stat -c %d:%i:%h /ov/link)" ] && echo same-inode
 cat /ov/edit; ls /ov; ls /ov/sub/deep
 grep ' /ov ' /proc/mounts`)
-	for _, want := range []string{"host\nguest\n", "moved", "new", "more", "overlay"} {
+	for _, want := range []string{"host\nguest\n", "moved", "new", "more", "overlay", "same-inode"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("guest output lacks %q:\n%s", want, out)
 		}

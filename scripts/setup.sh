@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 e2fsprogs busybox-static ca-certificates
       linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev cpio xz-utils
-      docker-registry skopeo umoci python3)
+      docker-registry skopeo umoci python3 git sqlite3)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -190,7 +190,10 @@ func mountShare(st *proto.Stream, req *proto.MountRequest, target string) error 
 	}
 	raiseReadahead(mnt)
 	if req.Overlay {
-		opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s", mnt, upper, work)
+		// index=on: a hardlink made to a host file keeps one inode (number
+		// and device) under both names once copied up; without it the two
+		// names report different inodes and git clone refuses the result.
+		opts := fmt.Sprintf("lowerdir=%s,upperdir=%s,workdir=%s,index=on", mnt, upper, work)
 		if err := unix.Mount("overlay", target, "overlay", unix.MS_NOSUID|unix.MS_NODEV, opts); err != nil {
 			srv.Unmount()
 			return fmt.Errorf("mount overlay on %s: %w", target, err)
