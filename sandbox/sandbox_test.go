@@ -3,6 +3,7 @@ package sandbox
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -57,9 +58,24 @@ func (d *dirSource) Rootfs(ctx context.Context, ref string) (string, ImageConfig
 
 var source = &dirSource{}
 
+// agentDir holds the guest agent this test binary builds (per process:
+// test binaries of other trees may run at the same time).
+var agentDir string
+
+func TestMain(m *testing.M) {
+	var err error
+	if agentDir, err = os.MkdirTemp("", "matchlock-sbtest-"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(agentDir)
+	os.Exit(code)
+}
+
 var agentOnce = sync.OnceValues(func() (string, error) {
 	_, file, _, _ := runtime.Caller(0)
-	out := filepath.Join(os.TempDir(), "matchlock-sbtest-guest")
+	out := filepath.Join(agentDir, "matchlock-guest")
 	cmd := exec.Command("go", "build", "-o", out, "./cmd/matchlock-guest")
 	cmd.Dir = filepath.Join(filepath.Dir(file), "..")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
