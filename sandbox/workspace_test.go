@@ -484,3 +484,53 @@ func TestParseMountFlag(t *testing.T) {
 		}
 	}
 }
+
+// TestShareListings: LOOKUPs of many names in one directory are answered
+// from one listing (few host LOOKUPs, absent names included), a guest write
+// drops the listing (no stale size after the kernel forgets the inode), and
+// names the host creates or changes show up within the cache time.
+func TestShareListings(t *testing.T) {
+	slow, fast := t.TempDir(), t.TempDir()
+	for i := 0; i < 100; i++ {
+		os.WriteFile(filepath.Join(slow, fmt.Sprintf("f%d", i)), []byte("x\n"), 0o644)
+	}
+	for _, n := range []string{"a", "b", "c"} {
+		os.WriteFile(filepath.Join(fast, n), []byte("x\n"), 0o644)
+	}
+	sb := newShareSandbox(t, Options{Mounts: []Mount{
+		{Source: slow, Target: "/slow", CacheTTL: time.Minute},
+		{Source: fast, Target: "/fast", CacheTTL: 300 * time.Millisecond},
+	}})
+	lookups := func() uint64 {
+		sb.mnt.mu.Lock()
+		defer sb.mnt.mu.Unlock()
+		var n uint64
+		for _, srv := range sb.mnt.servers {
+			n += srv.Stats().Lookups
+		}
+		return n
+	}
+	before := lookups()
+	mustSh(t, sb, `cd /slow; i=0; while [ $i -lt 100 ]; do [ -e f$i ] || echo missing f$i; [ -e nope$i ] && echo present nope$i; i=$((i+1)); done`)
+	if n := lookups() - before; n > 10 {
+		t.Errorf("200 names looked up with %d host LOOKUPs", n)
+	}
+	// After a change (touch), a new listing holds f0..f99 unhanded; ls -l gives the kernel the
+	// inodes another way; the append must not leave the listing's size.
+	out := mustSh(t, sb, `cd /slow; touch zz; [ -e g1 ]; [ -e g2 ]; ls -l >/dev/null
+echo more >> f9; echo 2 > /proc/sys/vm/drop_caches; stat -c %s f9`)
+	if strings.TrimSpace(out) != "7" {
+		t.Errorf("size after a guest append and a cache drop: %q, want 7", out)
+	}
+
+	mustSh(t, sb, `cd /fast; [ -e a ] && [ -e b ] && [ -e c ] && [ ! -e new ]`)
+	os.WriteFile(filepath.Join(fast, "new"), []byte("host\n"), 0o644)
+	os.WriteFile(filepath.Join(fast, "a"), []byte("longer\n"), 0o644)
+	out = mustSh(t, sb, `cd /fast; t0=$(cut -d' ' -f1 /proc/uptime)
+while ! [ -e new ] || [ "$(stat -c %s a)" != 7 ]; do usleep 20000; done
+echo $t0 $(cut -d' ' -f1 /proc/uptime)`)
+	var t0, t1 float64
+	if _, err := fmt.Sscan(out, &t0, &t1); err != nil || t1-t0 > 2 {
+		t.Errorf("host changes seen after %.2f s with a 0.3 s cache time (%q)", t1-t0, out)
+	}
+}

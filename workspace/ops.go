@@ -22,6 +22,7 @@ func (s *Server) exec(req *fsproto.Request, out []byte) ([]byte, unix.Errno) {
 	}
 	switch req.Op {
 	case fsproto.OpLookup:
+		s.lookups.Add(1)
 		return s.lookup(req, out)
 	case fsproto.OpForget:
 		fsproto.Forgets(req.Data, func(it fsproto.ForgetItem) { s.forget(it.Node, it.Count) })

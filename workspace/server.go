@@ -113,6 +113,7 @@ type Server struct {
 
 	window                   atomic.Pointer[[]byte] // see SetWindow
 	windowReads, streamReads atomic.Uint64
+	lookups                  atomic.Uint64
 }
 
 // SetWindow gives the server the mount's read window: guest memory this
@@ -246,8 +247,8 @@ func (s *Server) Close() error {
 type Stats struct {
 	Nodes, Handles int
 	// WindowReads and StreamReads count the reads answered through the
-	// shared memory window and on the stream.
-	WindowReads, StreamReads uint64
+	// shared memory window and on the stream; Lookups the LOOKUPs.
+	WindowReads, StreamReads, Lookups uint64
 }
 
 // Stats returns the current table sizes and counters.
@@ -255,7 +256,7 @@ func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return Stats{Nodes: len(s.nodes), Handles: len(s.handles),
-		WindowReads: s.windowReads.Load(), StreamReads: s.streamReads.Load()}
+		WindowReads: s.windowReads.Load(), StreamReads: s.streamReads.Load(), Lookups: s.lookups.Load()}
 }
 
 // ErrMalformed matches the error Serve returns when the guest broke the

@@ -57,6 +57,7 @@ type fsClient struct {
 
 	win   *memWindow // nil: reads travel on the stream
 	fresh *freshDirs
+	lists *listings
 
 	// dirs holds directory attributes that came with the reply to a
 	// change in the directory, for the GETATTR the kernel sends next.
@@ -93,6 +94,7 @@ func newFSClient(st *proto.Stream, uid, gid uint32, ttl time.Duration, win *memW
 		pending: map[uint32]*fsCall{},
 		dirs:    map[uint64]dirAttr{},
 	}
+	c.lists = newListings(c, ttl)
 	go c.readReplies(fsproto.ChanMetaReply, fsproto.MaxMetaReply)
 	go c.readReplies(fsproto.ChanBulkReply, fsproto.MaxBulkReply)
 	return c
@@ -320,6 +322,7 @@ func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
 	if st != fuse.OK {
 		if st == fuse.Status(syscall.EEXIST) {
 			c.fresh.drop(parent) // the host has a name we did not make
+			c.lists.changed(parent)
 		}
 		return st
 	}
@@ -331,6 +334,7 @@ func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
 	c.noteDirs(req, call.body[fsproto.EntrySize:])
 	if req.Op != fsproto.OpLookup {
 		c.fresh.add(parent, req.Name)
+		c.lists.changed(parent)
 	}
 	if req.Op == fsproto.OpMkdir {
 		c.fresh.made(node)
@@ -395,6 +399,10 @@ func (c *fsClient) simple(req *fsproto.Request) fuse.Status {
 	if fsproto.DirAttrs(req.Op) > 0 {
 		c.noteDirs(req, call.body)
 	}
+	c.lists.changed(req.Node)
+	if req.Op == fsproto.OpRename {
+		c.lists.changed(req.Node2)
+	}
 	switch {
 	case req.Op == fsproto.OpUnlink || req.Op == fsproto.OpRmdir:
 		c.fresh.remove(req.Node, req.Name)
@@ -413,6 +421,9 @@ func (c *fsClient) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string,
 		*out = fuse.EntryOut{}
 		out.SetEntryTimeout(min(c.ttl, left))
 		return fuse.OK
+	}
+	if st, ok := c.lists.lookup(h.NodeId, name, out); ok {
+		return st
 	}
 	st := c.entry(&fsproto.Request{Op: fsproto.OpLookup, Node: h.NodeId, Name: name}, out)
 	if st == fuse.ENOENT {
@@ -442,6 +453,7 @@ func (c *fsClient) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fuse
 }
 
 func (c *fsClient) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
+	c.lists.touched(in.NodeId)
 	req := &fsproto.Request{Op: fsproto.OpSetattr, Node: in.NodeId}
 	if fh, ok := in.GetFh(); ok {
 		req.Flags, req.Fh = fsproto.FlagFh, fh
@@ -517,6 +529,7 @@ func (c *fsClient) Rename(cancel <-chan struct{}, in *fuse.RenameIn, oldName, ne
 }
 
 func (c *fsClient) Link(cancel <-chan struct{}, in *fuse.LinkIn, name string, out *fuse.EntryOut) fuse.Status {
+	c.lists.touched(in.Oldnodeid) // its link count changes
 	return c.entry(&fsproto.Request{Op: fsproto.OpLink, Node: in.Oldnodeid, Node2: in.NodeId, Name: name}, out)
 }
 
@@ -545,10 +558,12 @@ func (c *fsClient) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string
 	if st != fuse.OK {
 		if st == fuse.Status(syscall.EEXIST) {
 			c.fresh.drop(in.NodeId)
+			c.lists.changed(in.NodeId)
 		}
 		return st
 	}
 	c.fresh.add(in.NodeId, name)
+	c.lists.changed(in.NodeId)
 	node, a, ok := fsproto.DecodeEntry(call.body)
 	fh, ok2 := fsproto.Uint64(call.body[min(len(call.body), fsproto.EntrySize):])
 	if !ok || !ok2 {
@@ -576,6 +591,7 @@ func (c *fsClient) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fu
 }
 
 func (c *fsClient) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
+	c.lists.touched(in.NodeId)
 	if len(data) > fsproto.MaxIO {
 		data = data[:fsproto.MaxIO]
 	}
@@ -615,6 +631,7 @@ func (c *fsClient) fsync(op fsproto.Op, in *fuse.FsyncIn) fuse.Status {
 }
 
 func (c *fsClient) Fallocate(cancel <-chan struct{}, in *fuse.FallocateIn) fuse.Status {
+	c.lists.touched(in.NodeId)
 	return c.simple(&fsproto.Request{Op: fsproto.OpFallocate, Node: in.NodeId, Fh: in.Fh, Off: in.Offset, Size: in.Length, Mode: in.Mode})
 }
 
@@ -735,10 +752,12 @@ func (c *fsClient) sized(call *fsCall, st fuse.Status, dest []byte) (uint32, fus
 }
 
 func (c *fsClient) SetXAttr(cancel <-chan struct{}, in *fuse.SetXAttrIn, attr string, data []byte) fuse.Status {
+	c.lists.touched(in.NodeId)
 	_, st := c.call(&fsproto.Request{Op: fsproto.OpSetxattr, Node: in.NodeId, Name: attr, OFlags: in.Flags}, data, nil)
 	return st
 }
 
 func (c *fsClient) RemoveXAttr(cancel <-chan struct{}, h *fuse.InHeader, attr string) fuse.Status {
+	c.lists.touched(h.NodeId)
 	return c.simple(&fsproto.Request{Op: fsproto.OpRemovexattr, Node: h.NodeId, Name: attr})
 }
