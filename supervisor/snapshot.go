@@ -26,6 +26,9 @@ const (
 // MaxForks bounds one fork request.
 const MaxForks = 64
 
+// snapshotOpTimeout bounds a snapshot or fork, which outlives its client.
+const snapshotOpTimeout = 10 * time.Minute
+
 // SnapshotRequest is the header of a KindSnapshot or KindFork stream.
 type SnapshotRequest struct {
 	Kind string `json:"kind"`
@@ -48,7 +51,13 @@ func (s *Server) snapshotRequest(ctx context.Context, st *proto.Stream) {
 	var reply SnapshotReply
 	err := json.Unmarshal(st.Header(), &req)
 	if err == nil {
-		reply, err = s.snapshotOp(ctx, req)
+		// ctx ends with the client's connection; the operation must not:
+		// cancelled mid-way it would abandon the snapshot, and could leave
+		// the guest frozen or the sandbox stopped (a cancelled reconnect).
+		// Bounded like the CLI's own wait.
+		opCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), snapshotOpTimeout)
+		reply, err = s.snapshotOp(opCtx, req)
+		cancel()
 	}
 	if err != nil {
 		reply.Error = err.Error()

@@ -40,7 +40,9 @@ func qemuPidsUsing(dir string) []int {
 	return pids
 }
 
-// waitExit blocks until pid has exited, using a pidfd (no polling loop).
+// waitExit blocks until pid has exited (all its threads: its pidfd polls
+// readable), using a pidfd (no polling loop); a poll interrupted by a
+// signal is retried.
 func waitExit(t *testing.T, pid int, timeout time.Duration) {
 	t.Helper()
 	fd, err := unix.PidfdOpen(pid, 0)
@@ -51,10 +53,22 @@ func waitExit(t *testing.T, pid int, timeout time.Duration) {
 		t.Fatalf("pidfd_open %d: %v", pid, err)
 	}
 	defer unix.Close(fd)
-	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
-	n, err := unix.Poll(fds, int(timeout.Milliseconds()))
-	if err != nil || n == 0 {
-		t.Fatalf("process %d still alive after %s", pid, timeout)
+	deadline := time.Now().Add(timeout)
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			t.Fatalf("process %d still alive after %s", pid, timeout)
+		}
+		n, err := unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, int(left.Milliseconds())+1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			t.Fatalf("poll pidfd of %d: %v", pid, err)
+		}
+		if n > 0 {
+			return
+		}
 	}
 }
 

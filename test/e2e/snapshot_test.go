@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -26,7 +27,13 @@ func snapshotSource(t *testing.T) string {
 	mustRun(t, "exec", id, "sh", "-c", `echo in-ram > /tmp/kept; echo on-disk > /kept
 (i=0; while true; do i=$((i+1)); echo $i > /run/counter.new; mv /run/counter.new /run/counter; usleep 20000; done) >/dev/null 2>&1 &
 echo $! > /run/counter.pid`)
-	waitFor(t, "the counter to start", func() bool { return readInt(t, id, "/run/counter") > 2 })
+	// The counter process starts in the background: its file appears
+	// only after its first round, which a loaded machine may delay.
+	waitFor(t, "the counter to start", func() bool {
+		r := ml(t, nil, "exec", id, "cat", "/run/counter")
+		n, err := strconv.Atoi(strings.TrimSpace(r.stdout))
+		return r.code == 0 && err == nil && n > 2
+	})
 	return id
 }
 
@@ -40,15 +47,42 @@ func readInt(t *testing.T, id, path string) int {
 	return n
 }
 
+// waitFor polls cond until it holds. The deadline only bounds a test that
+// would otherwise hang: it is generous for a slow, loaded machine.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(3 * time.Minute)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+func exists(path string) bool { _, err := os.Stat(path); return err == nil }
+
+// waitStopped waits until every thread of pid is stopped (SIGSTOP): from
+// then on the process changes nothing until SIGCONT.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("process %d to stop", pid), func() bool {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			t.Fatalf("process %d: %v", pid, err)
+		}
+		for _, task := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+			if err != nil {
+				continue // a thread that exited
+			}
+			f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+			if len(f) == 0 || (f[0] != "T" && f[0] != "t") {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 func snapshotCreate(t *testing.T, id, name string) {
@@ -280,22 +314,35 @@ func TestSnapshotRmRefusedWhileInUse(t *testing.T) {
 	}
 }
 
+// stallEnv (snapshot.StallEnv) makes a supervisor wait that long between
+// writing a snapshot and committing it.
+const stallEnv = "MATCHLOCK_TEST_SNAPSHOT_STALL"
+
 func TestSnapshotKilledMidwayLeavesNothing(t *testing.T) {
-	// The supervisor takes the snapshot; make it stall before committing.
-	t.Setenv("MATCHLOCK_TEST_SNAPSHOT_STALL", "3s")
+	// The supervisor takes the snapshot. Midway here means: written in
+	// full (sandbox.json, the last file, is in the temporary directory)
+	// and not committed. Make the supervisor stall before committing for
+	// longer than any test runs, so that only the kill ends the stall:
+	// however slowly the test gets to see the file, the snapshot is still
+	// uncommitted when it is killed.
+	t.Setenv(stallEnv, "1h")
 	src := snapshotSource(t)
-	os.Unsetenv("MATCHLOCK_TEST_SNAPSHOT_STALL")
+	os.Unsetenv(stallEnv)
 	sup := list(t)[src].SupervisorPID
+	if sup == 0 {
+		t.Fatalf("no supervisor pid for %s", src)
+	}
 	cmd := exec.Command(bin, "snapshot", "create", src, "--name", "killed")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { cmd.Process.Kill() })
 	tmp := filepath.Join(cacheDir, "snapshots", ".tmp-killed")
-	waitFor(t, "the snapshot to be written", func() bool {
-		_, err := os.Stat(filepath.Join(tmp, "sandbox.json"))
-		return err == nil
-	})
+	waitFor(t, "the snapshot to be written", func() bool { return exists(filepath.Join(tmp, "sandbox.json")) })
 	syscall.Kill(sup, syscall.SIGKILL)
+	// The checks below judge the creator dead by its process: wait until
+	// it is (the client can see its connection end a moment before).
+	waitExit(t, sup, 3*time.Minute)
 	if err := cmd.Wait(); err == nil {
 		t.Fatal("snapshot create succeeded although its supervisor was killed")
 	}
@@ -316,22 +363,70 @@ func TestSnapshotKilledMidwayLeavesNothing(t *testing.T) {
 }
 
 func TestSnapshotClientKilledMidwayCompletesOrNothing(t *testing.T) {
-	t.Setenv("MATCHLOCK_TEST_SNAPSHOT_STALL", "1s")
+	// The stall keeps the snapshot uncommitted a little longer, so that
+	// the test sees it under way; nothing below depends on its length.
+	t.Setenv(stallEnv, "1s")
 	src := snapshotSource(t)
-	os.Unsetenv("MATCHLOCK_TEST_SNAPSHOT_STALL")
+	os.Unsetenv(stallEnv)
+	sup := list(t)[src].SupervisorPID
+	if sup == 0 {
+		t.Fatalf("no supervisor pid for %s", src)
+	}
 	cmd := exec.Command(bin, "snapshot", "create", src, "--name", "orphan")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ml(t, nil, "snapshot", "rm", "orphan") })
-	waitFor(t, "the snapshot to be written", func() bool {
-		_, err := os.Stat(filepath.Join(cacheDir, "snapshots", ".tmp-orphan", "sandbox.json"))
-		return err == nil
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill(); ml(t, nil, "snapshot", "rm", "orphan") })
+
+	// Midway: the supervisor has started the snapshot (its "creating" row
+	// and temporary directory exist: from here it takes, writes and
+	// commits) and not committed it (the directory is renamed on commit).
+	// Kill the client as early as that, while the supervisor is stopped,
+	// so that the client is gone before the commit however the machine
+	// schedules the two.
+	tmp := filepath.Join(cacheDir, "snapshots", ".tmp-orphan")
+	waitFor(t, "the snapshot to start", func() bool {
+		select {
+		case err := <-exited:
+			t.Fatalf("snapshot create ended (%v) before the test saw the snapshot under way", err)
+		default:
+		}
+		return exists(tmp)
 	})
+	if err := syscall.Kill(sup, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := true
+	cont := func() {
+		if stopped {
+			syscall.Kill(sup, syscall.SIGCONT)
+			stopped = false
+		}
+	}
+	t.Cleanup(cont)
+	waitStopped(t, sup)
+	if !exists(tmp) {
+		// Committed (or failed) between the check and the stop: not
+		// midway after all.
+		cont()
+		t.Fatal("the snapshot ended before the test could stop its supervisor midway")
+	}
 	cmd.Process.Kill()
-	cmd.Wait()
+	if err := <-exited; err == nil {
+		t.Fatal("snapshot create succeeded although it was killed before the snapshot was committed")
+	}
+	cont()
+
 	// The supervisor finishes the snapshot on its own: whole, or not at all.
-	waitFor(t, "the snapshot to be committed", func() bool { _, ok := snapshots(t)["orphan"]; return ok })
+	waitFor(t, "the supervisor to finish the snapshot", func() bool { return !exists(tmp) })
+	if _, ok := snapshots(t)["orphan"]; !ok {
+		t.Fatal("the supervisor dropped the snapshot of a client that went away")
+	}
+	// The source goes on as if its client had stayed.
+	c := readInt(t, src, "/run/counter")
+	waitFor(t, "the source's counter to move on", func() bool { return readInt(t, src, "/run/counter") > c })
 	if r := mustRun(t, "run", "--snapshot", "orphan", "cat", "/tmp/kept"); r.stdout != "in-ram\n" {
 		t.Fatalf("restore: %q", r.stdout)
 	}
