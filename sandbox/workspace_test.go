@@ -491,8 +491,10 @@ func TestParseMountFlag(t *testing.T) {
 // names the host creates or changes show up within the cache time.
 func TestShareListings(t *testing.T) {
 	slow, fast := t.TempDir(), t.TempDir()
+	os.Mkdir(filepath.Join(slow, "sub"), 0o755)
 	for i := 0; i < 100; i++ {
 		os.WriteFile(filepath.Join(slow, fmt.Sprintf("f%d", i)), []byte("x\n"), 0o644)
+		os.WriteFile(filepath.Join(slow, "sub", fmt.Sprintf("f%d", i%20)), []byte("x\n"), 0o644)
 	}
 	for _, n := range []string{"a", "b", "c"} {
 		os.WriteFile(filepath.Join(fast, n), []byte("x\n"), 0o644)
@@ -515,9 +517,14 @@ func TestShareListings(t *testing.T) {
 	if n := lookups() - before; n > 10 {
 		t.Errorf("200 names looked up with %d host LOOKUPs", n)
 	}
-	// After a change (touch), a new listing holds f0..f99 unhanded; ls -l gives the kernel the
-	// inodes another way; the append must not leave the listing's size.
-	out := mustSh(t, sb, `cd /slow; touch zz; [ -e g1 ]; [ -e g2 ]; ls -l >/dev/null
+	// Changes through the share keep the listing true.
+	out := mustSh(t, sb, `cd /slow; rm f1; mv f2 g2; echo new > f1; mkdir d; for n in f1 f2 g2 d f3 zz; do [ -e $n ] && echo $n; done; true`)
+	if got := strings.Fields(out); strings.Join(got, " ") != "f1 g2 d f3" {
+		t.Errorf("after rm, mv, create, mkdir the guest sees %q", got)
+	}
+	// Two misses list sub with f0..f19 unhanded; ls -l gives the kernel
+	// the inodes another way; the append must not leave the listing's size.
+	out = mustSh(t, sb, `cd /slow/sub; [ -e g1 ]; [ -e g2 ]; ls -l >/dev/null
 echo more >> f9; echo 2 > /proc/sys/vm/drop_caches; stat -c %s f9`)
 	if strings.TrimSpace(out) != "7" {
 		t.Errorf("size after a guest append and a cache drop: %q, want 7", out)

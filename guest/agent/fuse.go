@@ -322,7 +322,7 @@ func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
 	if st != fuse.OK {
 		if st == fuse.Status(syscall.EEXIST) {
 			c.fresh.drop(parent) // the host has a name we did not make
-			c.lists.changed(parent)
+			c.lists.added(parent, req.Name)
 		}
 		return st
 	}
@@ -334,7 +334,7 @@ func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
 	c.noteDirs(req, call.body[fsproto.EntrySize:])
 	if req.Op != fsproto.OpLookup {
 		c.fresh.add(parent, req.Name)
-		c.lists.changed(parent)
+		c.lists.added(parent, req.Name)
 	}
 	if req.Op == fsproto.OpMkdir {
 		c.fresh.made(node)
@@ -399,19 +399,20 @@ func (c *fsClient) simple(req *fsproto.Request) fuse.Status {
 	if fsproto.DirAttrs(req.Op) > 0 {
 		c.noteDirs(req, call.body)
 	}
-	c.lists.changed(req.Node)
-	if req.Op == fsproto.OpRename {
-		c.lists.changed(req.Node2)
-	}
 	switch {
 	case req.Op == fsproto.OpUnlink || req.Op == fsproto.OpRmdir:
 		c.fresh.remove(req.Node, req.Name)
+		c.lists.removed(req.Node, req.Name)
 	case req.Op == fsproto.OpRename && req.OFlags&^unix.RENAME_NOREPLACE == 0:
 		c.fresh.remove(req.Node, req.Name)
 		c.fresh.add(req.Node2, req.Name2)
-	case req.Op == fsproto.OpRename: // exchange, whiteout
+		c.lists.removed(req.Node, req.Name)
+		c.lists.added(req.Node2, req.Name2)
+	case req.Op == fsproto.OpRename: // exchange, whiteout: both names exist after
 		c.fresh.drop(req.Node)
 		c.fresh.drop(req.Node2)
+		c.lists.added(req.Node, req.Name)
+		c.lists.added(req.Node2, req.Name2)
 	}
 	return fuse.OK
 }
@@ -558,12 +559,12 @@ func (c *fsClient) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string
 	if st != fuse.OK {
 		if st == fuse.Status(syscall.EEXIST) {
 			c.fresh.drop(in.NodeId)
-			c.lists.changed(in.NodeId)
+			c.lists.added(in.NodeId, name)
 		}
 		return st
 	}
 	c.fresh.add(in.NodeId, name)
-	c.lists.changed(in.NodeId)
+	c.lists.added(in.NodeId, name)
 	node, a, ok := fsproto.DecodeEntry(call.body)
 	fh, ok2 := fsproto.Uint64(call.body[min(len(call.body), fsproto.EntrySize):])
 	if !ok || !ok2 {

@@ -19,11 +19,13 @@ import (
 // an entry the host listed is handed to the kernel (the host counted that
 // lookup when it listed it), a name the complete listing lacks is absent.
 //
+// Changes made through this mount keep a listing true: a name made (or
+// found taken) is asked of the host from then on, a name removed is absent.
 // The host holds a reference per listed entry until the kernel takes it or
 // the agent forgets it: when the listing expires (cache time after it was
-// read), when anything in the directory changes through this mount, and
-// when an entry's inode is written or its attributes set (its attributes in
-// the listing would be stale). Entries handed out once, and files with
+// read), when its name changes, and when an entry's inode is written, its
+// attributes set or a link made to it (the listing's attributes would be
+// stale: the whole listing goes). Entries handed out once, and files with
 // more than one link (the kernel may hold the inode under another name),
 // are looked up on the host as usual. A listing is at most the cache time
 // old when it answers, and hands its entries out with what is left of it,
@@ -215,12 +217,34 @@ func (ls *listings) read(dir uint64) *listing {
 	return l
 }
 
-// changed drops dir's listing: something in it changed through this mount.
-func (ls *listings) changed(dir uint64) {
+// added records that name now exists in dir (made, or found taken, through
+// this mount): the listing asks the host about it from now on.
+func (ls *listings) added(dir uint64, name string) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	ls.dropLocked(dir)
-	delete(ls.misses, dir)
+	if l := ls.dirs[dir]; l != nil {
+		ls.releaseLocked(l.names[name])
+		l.names[name] = listed{}
+	}
+}
+
+// removed records that name no longer exists in dir.
+func (ls *listings) removed(dir uint64, name string) {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	if l := ls.dirs[dir]; l != nil {
+		ls.releaseLocked(l.names[name])
+		delete(l.names, name)
+	}
+}
+
+// releaseLocked gives back e's reference, if it holds one.
+func (ls *listings) releaseLocked(e listed) {
+	if e.node != 0 {
+		delete(ls.byNode, e.node)
+		ls.held--
+		ls.c.Forget(e.node, 1)
+	}
 }
 
 // touched drops the listing holding node's entry, if any: node's data or
@@ -241,10 +265,6 @@ func (ls *listings) dropLocked(dir uint64) {
 	}
 	delete(ls.dirs, dir)
 	for _, e := range l.names {
-		if e.node != 0 {
-			delete(ls.byNode, e.node)
-			ls.held--
-			ls.c.Forget(e.node, 1)
-		}
+		ls.releaseLocked(e)
 	}
 }

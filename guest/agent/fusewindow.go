@@ -61,7 +61,9 @@ func offerWindow(st *proto.Stream, size uint64) *memWindow {
 		err = fmt.Errorf("host: %s %s", m.Type, m.Error)
 	}
 	if err != nil {
-		// The host may still write into pages it mapped; they stay ours.
+		// Whatever the host mapped, it writes there only for reads that
+		// name the window, and none will.
+		unix.Munmap(win.mem)
 		logf("share read window refused: %v; reads go over the control channel", err)
 		return nil
 	}
