@@ -39,6 +39,11 @@ type listings struct {
 	byNode map[uint64]uint64 // unhanded entry's node → its directory
 	held   int               // unhanded entries in all listings
 	misses map[uint64]dirMiss
+	// changes counts added, removed and touched calls. A listing read
+	// while it moved is not kept: a revalidating LOOKUP runs without the
+	// directory's lock, so a change may land between the host listing the
+	// directory and the listing being stored.
+	changes uint64
 }
 
 type listing struct {
@@ -96,6 +101,9 @@ func (ls *listings) lookup(dir uint64, name string, out *fuse.EntryOut) (st fuse
 	}
 	defer ls.mu.Unlock()
 	left := ls.ttl - time.Since(l.at)
+	if left <= 0 {
+		return 0, false
+	}
 	e, found := l.names[name]
 	switch {
 	case found && e.node != 0:
@@ -147,6 +155,9 @@ func (ls *listings) missLocked(dir uint64) bool {
 
 // read lists dir with READDIRPLUS and keeps the entries.
 func (ls *listings) read(dir uint64) *listing {
+	ls.mu.Lock()
+	changes := ls.changes
+	ls.mu.Unlock()
 	l := &listing{at: time.Now(), names: map[string]listed{}}
 	refs := map[uint64]int{} // references the host gave us, by node
 	giveBack := func() {
@@ -189,7 +200,7 @@ func (ls *listings) read(dir uint64) *listing {
 	}
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	if ls.dirs[dir] != nil || ls.held+len(refs) > maxListed {
+	if ls.dirs[dir] != nil || ls.held+len(refs) > maxListed || ls.changes != changes {
 		giveBack()
 		return nil
 	}
@@ -222,6 +233,7 @@ func (ls *listings) read(dir uint64) *listing {
 func (ls *listings) added(dir uint64, name string) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
+	ls.changes++
 	if l := ls.dirs[dir]; l != nil {
 		ls.releaseLocked(l.names[name])
 		l.names[name] = listed{}
@@ -232,6 +244,7 @@ func (ls *listings) added(dir uint64, name string) {
 func (ls *listings) removed(dir uint64, name string) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
+	ls.changes++
 	if l := ls.dirs[dir]; l != nil {
 		ls.releaseLocked(l.names[name])
 		delete(l.names, name)
@@ -252,6 +265,7 @@ func (ls *listings) releaseLocked(e listed) {
 func (ls *listings) touched(node uint64) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
+	ls.changes++
 	if dir, ok := ls.byNode[node]; ok {
 		ls.dropLocked(dir)
 	}
