@@ -114,6 +114,8 @@ type Server struct {
 	window                   atomic.Pointer[[]byte] // see SetWindow
 	windowReads, streamReads atomic.Uint64
 	lookups                  atomic.Uint64
+
+	w *watcher // nil without inotify (watch.go)
 }
 
 // SetWindow gives the server the mount's read window: guest memory this
@@ -204,7 +206,7 @@ func New(cfg Config) (*Server, error) {
 		unix.Close(fd)
 	}
 	s := &Server{
-		cfg: cfg, rootFd: root, procFd: proc,
+		cfg: cfg, rootFd: root, procFd: proc, w: newWatcher(),
 		nodes:    map[uint64]*node{},
 		byIno:    map[inoKey]*node{},
 		nextNode: RootNode + 1,
@@ -226,6 +228,7 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.w.close()
 	for _, n := range s.nodes {
 		n.dead = true
 		if n.refs == 0 {
@@ -298,6 +301,9 @@ func (s *Server) Serve(ctx context.Context, st Stream) error {
 	errc := make(chan error, len(lanes))
 	for _, l := range lanes {
 		go func() { errc <- s.readLoop(st, l, &wg) }()
+	}
+	if s.w != nil {
+		go s.w.run(func(dir uint64, name string) { st.Write(fsproto.ChanMetaReply, notifyRecord(dir, name)) })
 	}
 	var err error
 	select {
@@ -375,12 +381,12 @@ func (s *Server) serveOne(st Stream, l *lane, req *fsproto.Request) {
 	rp := l.repPool.Get().(*[]byte)
 	const head = 4 + fsproto.ReplyHeadSize
 	buf := (*rp)[:head]
-	buf, errno := s.exec(req, buf)
+	buf, errno, flags := s.execWatched(req, buf)
 	if !req.Op.NoReply() {
 		if errno != 0 {
 			buf = buf[:head]
 		}
-		fsproto.AppendReplyHead(buf[:0], req.Tag, uint16(errno), s.replyFlags(), len(buf)-head)
+		fsproto.AppendReplyHead(buf[:0], req.Tag, uint16(errno), s.replyFlags()|flags, len(buf)-head)
 		st.Write(l.out, buf)
 	}
 	if cap(buf) <= 4+l.maxRep {
@@ -403,11 +409,52 @@ func (s *Server) replyFlags() uint16 {
 // Handle executes one request and returns the reply body. It is what
 // Serve runs for each request; tests call it to forge requests directly.
 func (s *Server) Handle(req *fsproto.Request) ([]byte, syscall.Errno) {
-	b, e := s.exec(req, nil)
+	b, e, _ := s.execWatched(req, nil)
 	if e != 0 {
 		return nil, syscall.Errno(e)
 	}
 	return b, 0
+}
+
+// execWatched runs exec with the watcher's part (watch.go): changes of
+// names are noted as this server's own, a readdir with FlagWatch and a
+// new directory are watched, and the reply flags say so.
+func (s *Server) execWatched(req *fsproto.Request, out []byte) ([]byte, unix.Errno, uint16) {
+	var flags uint16
+	switch req.Op {
+	case fsproto.OpCreate, fsproto.OpMkdir, fsproto.OpMknod, fsproto.OpSymlink, fsproto.OpUnlink, fsproto.OpRmdir:
+		s.w.ownChange(req.Node, req.Name)
+	case fsproto.OpRename:
+		s.w.ownChange(req.Node, req.Name)
+		s.w.ownChange(req.Node2, req.Name2)
+	case fsproto.OpLink:
+		s.w.ownChange(req.Node2, req.Name)
+	case fsproto.OpReaddir:
+		if req.Flags&fsproto.FlagWatch != 0 && s.watchNode(req.Node) {
+			flags |= fsproto.ReplyWatched
+		}
+	}
+	start := len(out)
+	out, e := s.exec(req, out)
+	if e == 0 && req.Op == fsproto.OpMkdir {
+		if id, _, ok := fsproto.DecodeEntry(out[start:]); ok && s.watchNode(id) {
+			flags |= fsproto.ReplyWatched
+		}
+	}
+	return out, e, flags
+}
+
+// watchNode watches directory node id.
+func (s *Server) watchNode(id uint64) bool {
+	if s.w == nil {
+		return false
+	}
+	n, e := s.getNode(id)
+	if e != 0 {
+		return false
+	}
+	defer s.putNode(n)
+	return n.typ == unix.S_IFDIR && s.w.watch(id, n.fd)
 }
 
 // fdsHeld counts the descriptors all servers of this process hold for

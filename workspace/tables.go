@@ -111,6 +111,7 @@ func (s *Server) forget(id, count uint64) {
 	if s.byIno[n.key] == n {
 		delete(s.byIno, n.key)
 	}
+	s.w.unwatch(id)
 	n.dead = true
 	if n.refs == 0 {
 		s.closeNodeLocked(n)

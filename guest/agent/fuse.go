@@ -55,9 +55,10 @@ type fsClient struct {
 
 	lastRelieve atomic.Int64
 
-	win   *memWindow // nil: reads travel on the stream
-	fresh *freshDirs
-	lists *listings
+	win    *memWindow // nil: reads travel on the stream
+	fresh  *freshDirs
+	lists  *listings
+	invals chan inval // for sendInvals
 
 	// dirs holds directory attributes that came with the reply to a
 	// change in the directory, for the GETATTR the kernel sends next.
@@ -84,6 +85,7 @@ type fsCall struct {
 	body  []byte // reply body (metadata lane)
 	dst   []byte // read destination (bulk lane)
 	n     int
+	flags uint16 // reply flags
 }
 
 func newFSClient(st *proto.Stream, uid, gid uint32, ttl time.Duration, win *memWindow) *fsClient {
@@ -95,6 +97,7 @@ func newFSClient(st *proto.Stream, uid, gid uint32, ttl time.Duration, win *memW
 		dirs:    map[uint64]dirAttr{},
 	}
 	c.lists = newListings(c, ttl)
+	c.invals = make(chan inval, maxPendingInval)
 	go c.readReplies(fsproto.ChanMetaReply, fsproto.MaxMetaReply)
 	go c.readReplies(fsproto.ChanBulkReply, fsproto.MaxBulkReply)
 	return c
@@ -141,6 +144,17 @@ func (c *fsClient) readReplies(ch proto.Channel, max int) {
 		if h.Flags&fsproto.ReplyPressure != 0 {
 			c.relieve()
 		}
+		if h.Tag == 0 && h.Flags&fsproto.ReplyNotify != 0 && ch == fsproto.ChanMetaReply {
+			body := make([]byte, h.BodyLen)
+			if _, err := io.ReadFull(br, body); err != nil {
+				c.fail(fmt.Errorf("%w: %v", errFSClosed, err))
+				return
+			}
+			if dir, ok := fsproto.Uint64(body); ok {
+				c.hostChanged(dir, string(body[8:]))
+			}
+			continue
+		}
 		c.mu.Lock()
 		call := c.pending[h.Tag]
 		delete(c.pending, h.Tag)
@@ -168,7 +182,7 @@ func (c *fsClient) readReplies(ch proto.Channel, max int) {
 			c.fail(fmt.Errorf("%w: %v", errFSClosed, err))
 			return
 		}
-		call.n, call.errno = h.BodyLen, h.Errno
+		call.n, call.errno, call.flags = h.BodyLen, h.Errno, h.Flags
 		close(call.done)
 	}
 }
@@ -336,8 +350,8 @@ func (c *fsClient) entry(req *fsproto.Request, out *fuse.EntryOut) fuse.Status {
 		c.fresh.add(parent, req.Name)
 		c.lists.added(parent, req.Name)
 	}
-	if req.Op == fsproto.OpMkdir {
-		c.fresh.made(node)
+	if req.Op == fsproto.OpMkdir && call.flags&fsproto.ReplyWatched != 0 {
+		c.fresh.made(node) // the host tells us what changes in it
 	}
 	return fuse.OK
 }

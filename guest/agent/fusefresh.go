@@ -106,3 +106,10 @@ func (f *freshDirs) drop(dir uint64) {
 	defer f.mu.Unlock()
 	delete(f.dirs, dir)
 }
+
+// dropAll forgets every fresh directory.
+func (f *freshDirs) dropAll() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	clear(f.dirs)
+}

@@ -168,11 +168,16 @@ func (ls *listings) read(dir uint64) *listing {
 		}
 	}
 	off := uint64(0)
+	watched := true
 	for i := 0; i < maxListingRead; i++ {
-		call, st := ls.c.call(&fsproto.Request{Op: fsproto.OpReaddir, Flags: fsproto.FlagPlus, Node: dir, Off: off, Size: fsproto.MaxReaddir}, nil, nil)
+		call, st := ls.c.call(&fsproto.Request{Op: fsproto.OpReaddir, Flags: fsproto.FlagPlus | fsproto.FlagWatch, Node: dir, Off: off, Size: fsproto.MaxReaddir}, nil, nil)
 		if st != fuse.OK {
 			giveBack()
 			return nil
+		}
+		if call.flags&fsproto.ReplyWatched == 0 {
+			// Unwatched, the listing could hide what the host creates.
+			watched = false
 		}
 		if len(call.body) == 0 {
 			l.complete = true
@@ -200,7 +205,7 @@ func (ls *listings) read(dir uint64) *listing {
 	}
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	if ls.dirs[dir] != nil || ls.held+len(refs) > maxListed || ls.changes != changes {
+	if !watched || ls.dirs[dir] != nil || ls.held+len(refs) > maxListed || ls.changes != changes {
 		giveBack()
 		return nil
 	}
@@ -267,6 +272,24 @@ func (ls *listings) touched(node uint64) {
 	defer ls.mu.Unlock()
 	ls.changes++
 	if dir, ok := ls.byNode[node]; ok {
+		ls.dropLocked(dir)
+	}
+}
+
+// drop forgets dir's listing: dir changed on the host.
+func (ls *listings) drop(dir uint64) {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	ls.changes++
+	ls.dropLocked(dir)
+}
+
+// dropAll forgets every listing.
+func (ls *listings) dropAll() {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	ls.changes++
+	for dir := range ls.dirs {
 		ls.dropLocked(dir)
 	}
 }

@@ -184,6 +184,7 @@ func mountShare(st *proto.Stream, req *proto.MountRequest, target string) error 
 		c.fail(errors.New("mount failed"))
 		return fmt.Errorf("mount %s: fuse: %w", mnt, err)
 	}
+	go c.sendInvals(srv)
 	go srv.Serve()
 	if err := srv.WaitMount(); err != nil {
 		return fmt.Errorf("mount %s: fuse: %w", mnt, err)

@@ -122,6 +122,9 @@ const (
 	// offset Node2 instead of into the reply, whose body is then the byte
 	// count (u32). A host without a window answers EINVAL.
 	FlagWindow uint8 = 1 << 4
+	// FlagWatch (readdir): watch the directory for names changed on the
+	// host (ReplyWatched, ReplyNotify).
+	FlagWatch uint8 = 1 << 5
 )
 
 // MaxWindow bounds a mount's read window.
@@ -143,6 +146,15 @@ const (
 	// ReplyPressure: the host holds many node references for this mount;
 	// the guest should let its kernel forget unused inodes.
 	ReplyPressure uint16 = 1 << 0
+	// ReplyWatched (readdir with FlagWatch: its directory; mkdir: the new
+	// one): the host watches the directory and will send a ReplyNotify
+	// record for every name changed in it other than by this mount.
+	ReplyWatched uint16 = 1 << 1
+	// ReplyNotify marks a record that answers no request (tag 0) on
+	// ChanMetaReply: body = directory node u64 | name. A name in that
+	// directory was created, removed or moved on the host (name empty:
+	// the directory itself went away); node 0: anything may have changed.
+	ReplyNotify uint16 = 1 << 2
 )
 
 // Limits. Requests beyond them are malformed.
@@ -237,7 +249,7 @@ var opSpecs = [opEnd]opSpec{
 	OpRelease:     {},
 	OpFsync:       {flags: FlagDatasync},
 	OpOpendir:     {},
-	OpReaddir:     {flags: FlagPlus, maxSize: MaxReaddir},
+	OpReaddir:     {flags: FlagPlus | FlagWatch, maxSize: MaxReaddir},
 	OpReleasedir:  {},
 	OpFsyncdir:    {flags: FlagDatasync},
 	OpStatfs:      {},
