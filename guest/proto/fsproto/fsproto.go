@@ -20,7 +20,9 @@
 // Every channel has its own flow-control credit, so a guest that is slow to
 // take 1 MiB read replies stalls only the bulk reply channel. Requests carry
 // a tag chosen by the guest; replies carry it back and may come in any
-// order. Forget, Release and Releasedir have no reply.
+// order. Forget, Release and Releasedir have no reply. The host may also
+// send records with tag 0 on ChanMetaReply that answer nothing: change
+// notifications (ReplyNotify).
 //
 // # Records
 //
