@@ -16,24 +16,21 @@ import (
 	"matchlock.dev/matchlock/kernel"
 )
 
-// dirSource is an in-process ImageSource: a busybox tree made into an
-// ext4 disk with mkfs.ext4 -d. It lets this package's tests boot real VMs
-// without the image store.
-type dirSource struct {
+// busyboxSource is an in-process ImageSource: a tree with every busybox
+// applet and a non-root user (app, 1000), made into an ext4 disk with
+// mkfs.ext4 -d. It lets this package's tests boot real VMs without the
+// image store.
+type busyboxSource struct {
 	once sync.Once
 	path string
 	err  error
 }
 
-func (d *dirSource) Rootfs(ctx context.Context, ref string) (string, ImageConfig, error) {
+func (d *busyboxSource) Rootfs(ctx context.Context, ref string) (string, ImageConfig, error) {
 	d.once.Do(func() {
-		dir, err := os.MkdirTemp("", "matchlock-sbtest-")
-		if err != nil {
-			d.err = err
-			return
-		}
+		dir := agentDir // removed by TestMain
 		root := filepath.Join(dir, "root")
-		for _, sub := range []string{"bin", "etc", "tmp", "proc", "sys", "dev", "run"} {
+		for _, sub := range []string{"bin", "etc", "tmp", "proc", "sys", "dev", "run", "root"} {
 			os.MkdirAll(filepath.Join(root, sub), 0o755)
 		}
 		bb, err := os.ReadFile("/bin/busybox")
@@ -42,23 +39,30 @@ func (d *dirSource) Rootfs(ctx context.Context, ref string) (string, ImageConfig
 			return
 		}
 		os.WriteFile(filepath.Join(root, "bin", "busybox"), bb, 0o755)
-		for _, app := range []string{"sh", "echo", "cat", "ls", "sleep", "true", "id", "head", "sha256sum", "wc"} {
-			os.Symlink("busybox", filepath.Join(root, "bin", app))
+		list, err := exec.Command("/bin/busybox", "--list").Output()
+		if err != nil {
+			d.err = err
+			return
 		}
-		os.WriteFile(filepath.Join(root, "etc", "passwd"), []byte("root:x:0:0:root:/root:/bin/sh\n"), 0o644)
+		for _, app := range strings.Fields(string(list)) {
+			if app != "busybox" {
+				os.Symlink("busybox", filepath.Join(root, "bin", app))
+			}
+		}
+		os.WriteFile(filepath.Join(root, "etc", "passwd"), []byte("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/tmp:/bin/sh\n"), 0o644)
+		os.WriteFile(filepath.Join(root, "etc", "group"), []byte("root:x:0:\napp:x:1000:\n"), 0o644)
 		d.path = filepath.Join(dir, "root.ext4")
 		out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", root, d.path, "64M").CombinedOutput()
 		if err != nil {
-			d.err = err
-			d.path = string(out)
+			d.err = &exec.Error{Name: string(out), Err: err}
 		}
 	})
 	return d.path, ImageConfig{Env: []string{"PATH=/bin"}}, d.err
 }
 
-var source = &dirSource{}
+var source = &busyboxSource{}
 
-// agentDir holds the guest agent this test binary builds (per process:
+// agentDir holds the guest agent and the image this test binary builds (per process:
 // test binaries of other trees may run at the same time).
 var agentDir string
 

@@ -21,54 +21,6 @@ import (
 	"matchlock.dev/matchlock/workspace"
 )
 
-// bbSource is an ImageSource with every busybox applet (dirSource has a
-// handful) and a non-root user, for the shared-directory tests.
-type bbSource struct {
-	once sync.Once
-	path string
-	err  error
-}
-
-func (d *bbSource) Rootfs(ctx context.Context, ref string) (string, ImageConfig, error) {
-	d.once.Do(func() {
-		dir, err := os.MkdirTemp("", "matchlock-wstest-")
-		if err != nil {
-			d.err = err
-			return
-		}
-		root := filepath.Join(dir, "root")
-		for _, sub := range []string{"bin", "etc", "tmp", "proc", "sys", "dev", "run", "root"} {
-			os.MkdirAll(filepath.Join(root, sub), 0o755)
-		}
-		bb, err := os.ReadFile("/bin/busybox")
-		if err != nil {
-			d.err = err
-			return
-		}
-		os.WriteFile(filepath.Join(root, "bin", "busybox"), bb, 0o755)
-		list, err := exec.Command("/bin/busybox", "--list").Output()
-		if err != nil {
-			d.err = err
-			return
-		}
-		for _, app := range strings.Fields(string(list)) {
-			if app != "busybox" {
-				os.Symlink("busybox", filepath.Join(root, "bin", app))
-			}
-		}
-		os.WriteFile(filepath.Join(root, "etc", "passwd"), []byte("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/tmp:/bin/sh\n"), 0o644)
-		os.WriteFile(filepath.Join(root, "etc", "group"), []byte("root:x:0:\napp:x:1000:\n"), 0o644)
-		d.path = filepath.Join(dir, "root.ext4")
-		out, err := exec.Command("mkfs.ext4", "-q", "-F", "-d", root, d.path, "64M").CombinedOutput()
-		if err != nil {
-			d.err = &exec.Error{Name: string(out), Err: err}
-		}
-	})
-	return d.path, ImageConfig{Env: []string{"PATH=/bin"}}, d.err
-}
-
-var bbImages = &bbSource{}
-
 // newShareSandbox boots a VM with opts' mounts. MATCHLOCK_HOME must be set
 // by the caller when volumes are used across sandboxes.
 func newShareSandbox(t testing.TB, opts Options) *Sandbox {
@@ -88,7 +40,7 @@ func newShareSandbox(t testing.TB, opts Options) *Sandbox {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	opts.Image, opts.Images, opts.Agent = "test", bbImages, agent
+	opts.Image, opts.Images, opts.Agent = "test", source, agent
 	if opts.MemoryMiB == 0 {
 		opts.MemoryMiB = 256
 	}
@@ -385,7 +337,7 @@ func TestVolumes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	agent, _ := agentOnce()
-	_, err := New(ctx, Options{Image: "test", Images: bbImages, Agent: agent, MemoryMiB: 256, DiskSizeMiB: 64, NoNetwork: true,
+	_, err := New(ctx, Options{Image: "test", Images: source, Agent: agent, MemoryMiB: 256, DiskSizeMiB: 64, NoNetwork: true,
 		Volumes: []VolumeMount{{Name: "data", Target: "/data"}}})
 	if !errors.Is(err, workspace.ErrVolumeInUse) {
 		t.Fatalf("second attach: %v", err)
