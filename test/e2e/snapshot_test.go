@@ -153,28 +153,34 @@ func snapshotFiles(t *testing.T) []string {
 func TestSnapshotRestoreContinuesExactly(t *testing.T) {
 	src := snapshotSource(t)
 	pid := readInt(t, src, "/run/counter.pid")
-	before := readInt(t, src, "/run/counter")
+	// The counter is stopped across the snapshot, so that its value there
+	// is known exactly; the source and the copy each continue it.
+	mustRun(t, "exec", src, "kill", "-STOP", strconv.Itoa(pid))
+	frozen := readInt(t, src, "/run/counter")
 	snapshotCreate(t, src, "exact")
-	after := readInt(t, src, "/run/counter")
+	if n := readInt(t, src, "/run/counter"); n != frozen {
+		t.Fatalf("stopped counter moved from %d to %d during the snapshot", frozen, n)
+	}
+	mustRun(t, "exec", src, "kill", "-CONT", strconv.Itoa(pid))
 
 	e := snapshots(t)["exact"]
 	if e.Source != src || e.Files["memory"] == 0 || e.Files["upper.ext4"] == 0 || e.Size < e.Files["memory"] {
 		t.Fatalf("snapshot ls: %+v", e)
 	}
 	// The source goes on.
-	waitFor(t, "the source's counter to move on", func() bool { return readInt(t, src, "/run/counter") > after+5 })
+	waitFor(t, "the source's counter to move on", func() bool { return readInt(t, src, "/run/counter") > frozen+5 })
 
 	// A --rm run from the snapshot sees the RAM file, the disk file and
 	// the counter process, same pid, at the value it had.
-	r := mustRun(t, "run", "--snapshot", "exact", "sh", "-c", "cat /tmp/kept /kept /run/counter.pid; cat /run/counter; usleep 300000; cat /run/counter; kill -0 $(cat /run/counter.pid) && echo alive")
+	r := mustRun(t, "run", "--snapshot", "exact", "sh", "-c", "cat /tmp/kept /kept /run/counter.pid; cat /run/counter; kill -CONT $(cat /run/counter.pid); usleep 300000; cat /run/counter; kill -0 $(cat /run/counter.pid) && echo alive")
 	lines := strings.Fields(r.stdout)
 	if len(lines) != 6 || lines[0] != "in-ram" || lines[1] != "on-disk" || lines[2] != strconv.Itoa(pid) || lines[5] != "alive" {
 		t.Fatalf("restored state: %q", r.stdout)
 	}
 	c0, _ := strconv.Atoi(lines[3])
 	c1, _ := strconv.Atoi(lines[4])
-	if c0 < before || c0 > after+1 {
-		t.Fatalf("restored counter %d, want it between %d and %d (its value at the snapshot)", c0, before, after+1)
+	if c0 != frozen {
+		t.Fatalf("restored counter %d, want %d (its value at the snapshot)", c0, frozen)
 	}
 	if c1 <= c0 {
 		t.Fatalf("restored counter process does not run: %d then %d", c0, c1)
