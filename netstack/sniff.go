@@ -65,7 +65,9 @@ func inspect(r io.Reader, name string) ([]byte, error) {
 			// Only a ClientHello may come first.
 			return inspectTLS(r, buf, name)
 		}
-	case isAlpha(first):
+	case isTchar(first):
+		// An HTTP method is a token (RFC 9110): letters, digits and
+		// "!#$%&'*+-.^_`|~". Servers accept any of them, so must we.
 		return inspectHTTP(r, buf, name)
 	}
 	return buf, nil
@@ -81,6 +83,11 @@ func firstNonEOL(b []byte) byte {
 }
 
 func isAlpha(c byte) bool { return c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' }
+
+// isTchar reports whether c may appear in an HTTP token (RFC 9110 5.6.2).
+func isTchar(c byte) bool {
+	return isAlpha(c) || c >= '0' && c <= '9' || c != 0 && strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
+}
 
 // readMore appends at least one byte from r to buf, never growing past limit.
 func readMore(r io.Reader, buf []byte, limit int) ([]byte, error) {
@@ -300,6 +307,11 @@ func inspectHTTP(r io.Reader, buf []byte, name string) ([]byte, error) {
 	if !ok {
 		return buf, nil
 	}
+	if len(method) > maxMethodLen {
+		// A lenient server may still take it: refuse rather than pass a
+		// request whose Host nobody checked.
+		return buf, errors.New("http: method too long")
+	}
 	// Read the rest of the head.
 	for headEnd(buf[nl:]) < 0 {
 		var err error
@@ -323,18 +335,25 @@ const (
 	lineComplete
 )
 
-// maxMethodLen bounds the method token of a request line we recognise.
-const maxMethodLen = 20
+// maxMethodLen bounds the method token of a request we let through; a
+// longer one is refused. maxTokenScan is how long a token may run without
+// a space before the bytes are taken for another protocol (a server that
+// accepts a method longer than that is not protected from a mismatched
+// Host; docs/network.md).
+const (
+	maxMethodLen = 20
+	maxTokenScan = 256
+)
 
 // requestLinePrefix reports whether b can be the start of an HTTP/1
 // request line ("METHOD SP target SP HTTP/d.d [CR] LF"), is one (end is the
 // index of its LF), or cannot be.
 func requestLinePrefix(b []byte) (state, end int) {
 	i := 0
-	for i < len(b) && isAlpha(b[i]) {
+	for i < len(b) && isTchar(b[i]) {
 		i++
 	}
-	if i > maxMethodLen || i == 0 && len(b) > 0 {
+	if i == 0 && len(b) > 0 || i > maxTokenScan {
 		return lineNotHTTP, 0
 	}
 	if i == len(b) {
@@ -387,7 +406,7 @@ func parseRequestLine(line string) (method, target string, ok bool) {
 	}
 	method = line[:sp]
 	for i := 0; i < len(method); i++ {
-		if !isAlpha(method[i]) {
+		if !isTchar(method[i]) {
 			return "", "", false
 		}
 	}

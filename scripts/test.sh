@@ -18,7 +18,10 @@ grep -rl --include='*_test.go' -E '^func Fuzz[A-Za-z0-9_]+\(' . | sort | while r
   dir=$(dirname "$f")
   for fn in $(grep -oE '^func Fuzz[A-Za-z0-9_]+' "$f" | awk '{print $2}'); do
     echo "-- $dir $fn"
-    go test -run='^$' -fuzz="^${fn}\$" -fuzztime="$FUZZTIME" "./$dir" >/dev/null
+    if ! out=$(go test -run='^$' -fuzz="^${fn}\$" -fuzztime="$FUZZTIME" "./$dir" 2>&1); then
+      printf '%s\n' "$out" | tail -40
+      exit 1
+    fi
   done
 done
 
