@@ -41,9 +41,12 @@ type Store struct {
 	dir string
 }
 
-// Open returns the store in the cache directory, with its metadata in db.
+// Open returns the store in the state directory, with its metadata in db
+// (which lives there too). Snapshots are not in the cache: they are user
+// data, and a directory is only ever judged against the database that
+// indexes it (Cleanup removes what its database does not know).
 func Open(db *state.DB) *Store {
-	return &Store{db: db, dir: filepath.Join(paths.CacheDir(), "snapshots")}
+	return &Store{db: db, dir: filepath.Join(paths.StateDir(), "snapshots")}
 }
 
 // Dir is where the snapshot called name keeps its files.

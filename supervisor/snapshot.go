@@ -61,6 +61,8 @@ func (s *Server) snapshotRequest(ctx context.Context, st *proto.Stream) {
 	}
 	if err != nil {
 		reply.Error = err.Error()
+		// The client may be gone: leave a trace in the supervisor's log.
+		fmt.Fprintf(os.Stderr, "supervisor: %s %q: %v\n", req.Kind, req.Name, err)
 	}
 	b, _ := json.Marshal(reply)
 	st.SendMsg(b)

@@ -363,16 +363,18 @@ func TestNetworkPolicyAndSecrets(t *testing.T) {
 		}
 	})
 
+	// Raw payloads start with "@", not an HTTP token character, so the
+	// forwarder sees at once that they are not HTTP.
 	t.Run("patterns", func(t *testing.T) {
 		e.ok(fmt.Sprintf("netprobe get http://api.test:%d/name", httpPort), "200 ")
-		e.ok(fmt.Sprintf("netprobe tcp api.test:%d 0raw-echo", tcpPort), "0raw-echo")
+		e.ok(fmt.Sprintf("netprobe tcp api.test:%d @raw-echo", tcpPort), "@raw-echo")
 		e.ok(fmt.Sprintf("netprobe get http://x.wild.test:%d/wild", httpPort), "200 ")
 		e.fails(fmt.Sprintf("netprobe get http://wild.test:%d/apex", httpPort))
 		e.ok(fmt.Sprintf("netprobe get http://port.test:%d/port", httpPort), "200 ")
 		e.fails(fmt.Sprintf("netprobe tcp port.test:%d 0other-port", tcpPort))
 		e.fails(fmt.Sprintf("netprobe get http://denied.test:%d/", httpPort))
 		// other.test is allowed only through its secret's host list.
-		e.ok(fmt.Sprintf("netprobe tcp other.test:%d 0via-secret-host", tcpPort), "0via-secret-host")
+		e.ok(fmt.Sprintf("netprobe tcp other.test:%d @via-secret-host", tcpPort), "@via-secret-host")
 		// Suffix and label tricks.
 		e.fails("netprobe resolve api.test.evil.test")
 		e.fails("netprobe resolve evil-api.test")
@@ -391,9 +393,9 @@ func TestNetworkPolicyAndSecrets(t *testing.T) {
 		} else {
 			// Not a private address (e.g. a documentation range): the
 			// --allow-host pattern is enough.
-			e.ok(fmt.Sprintf("netprobe tcp %s:%d 0public", hostIP, ipPorts[2]), "0public")
+			e.ok(fmt.Sprintf("netprobe tcp %s:%d @public", hostIP, ipPorts[2]), "@public")
 		}
-		e.ok(fmt.Sprintf("netprobe tcp ipname.test:%d 0by-name", ipPorts[3]), "0by-name")
+		e.ok(fmt.Sprintf("netprobe tcp ipname.test:%d @by-name", ipPorts[3]), "@by-name")
 		// The allowed name's real address, by number: refused.
 		e.fails(fmt.Sprintf("netprobe tcp %s:%d 0by-number", hostIP, ipPorts[3]))
 	})

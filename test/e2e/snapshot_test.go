@@ -142,7 +142,7 @@ func snapshots(t *testing.T) map[string]snapEntry {
 
 func snapshotFiles(t *testing.T) []string {
 	t.Helper()
-	ents, _ := os.ReadDir(filepath.Join(cacheDir, "snapshots"))
+	ents, _ := os.ReadDir(filepath.Join(stateDir, "snapshots"))
 	var names []string
 	for _, e := range ents {
 		names = append(names, e.Name())
@@ -307,12 +307,12 @@ func TestSnapshotRmRefusedWhileInUse(t *testing.T) {
 	if r.code == 0 || !strings.Contains(r.stderr, "in use") || !strings.Contains(r.stderr, ids[0]) {
 		t.Fatalf("rm of a snapshot in use: exit %d, %q", r.code, r.stderr)
 	}
-	if _, err := os.Stat(filepath.Join(cacheDir, "snapshots", "inuse", "memory")); err != nil {
+	if _, err := os.Stat(filepath.Join(stateDir, "snapshots", "inuse", "memory")); err != nil {
 		t.Fatalf("files of a snapshot in use: %v", err)
 	}
 	mustRun(t, "kill", ids[0])
 	mustRun(t, "snapshot", "rm", "inuse")
-	if _, err := os.Stat(filepath.Join(cacheDir, "snapshots", "inuse")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(stateDir, "snapshots", "inuse")); !os.IsNotExist(err) {
 		t.Fatalf("snapshot dir after rm: %v", err)
 	}
 	if r := ml(t, nil, "run", "--snapshot", "inuse", "true"); r.code == 0 || !strings.Contains(r.stderr, "no snapshot") {
@@ -343,7 +343,7 @@ func TestSnapshotKilledMidwayLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill() })
-	tmp := filepath.Join(cacheDir, "snapshots", ".tmp-killed")
+	tmp := filepath.Join(stateDir, "snapshots", ".tmp-killed")
 	waitFor(t, "the snapshot to be written", func() bool { return exists(filepath.Join(tmp, "sandbox.json")) })
 	syscall.Kill(sup, syscall.SIGKILL)
 	// The checks below judge the creator dead by its process: wait until
@@ -392,7 +392,7 @@ func TestSnapshotClientKilledMidwayCompletesOrNothing(t *testing.T) {
 	// Kill the client as early as that, while the supervisor is stopped,
 	// so that the client is gone before the commit however the machine
 	// schedules the two.
-	tmp := filepath.Join(cacheDir, "snapshots", ".tmp-orphan")
+	tmp := filepath.Join(stateDir, "snapshots", ".tmp-orphan")
 	waitFor(t, "the snapshot to start", func() bool {
 		select {
 		case err := <-exited:
@@ -428,7 +428,8 @@ func TestSnapshotClientKilledMidwayCompletesOrNothing(t *testing.T) {
 	// The supervisor finishes the snapshot on its own: whole, or not at all.
 	waitFor(t, "the supervisor to finish the snapshot", func() bool { return !exists(tmp) })
 	if _, ok := snapshots(t)["orphan"]; !ok {
-		t.Fatal("the supervisor dropped the snapshot of a client that went away")
+		log, _ := os.ReadFile(filepath.Join(stateDir, "sandboxes", src, "supervisor.log"))
+		t.Fatalf("the supervisor dropped the snapshot of a client that went away; its log:\n%s", log)
 	}
 	// The source goes on as if its client had stayed.
 	c := readInt(t, src, "/run/counter")
@@ -481,7 +482,7 @@ func TestForkLive(t *testing.T) {
 	if _, ok := snapshots(t)[auto]; ok {
 		t.Fatal("the fork snapshot outlived its forks")
 	}
-	if _, err := os.Stat(filepath.Join(cacheDir, "snapshots", auto)); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(stateDir, "snapshots", auto)); !os.IsNotExist(err) {
 		t.Fatalf("fork snapshot files left: %v", err)
 	}
 }
