@@ -385,6 +385,12 @@ func (s *Sandbox) call(ctx context.Context, h proto.OpenHeader) (*proto.StreamMs
 }
 
 func recvResult(ctx context.Context, st *proto.Stream) (*proto.StreamMsg, error) {
+	return recvResultWith(ctx, st, nil)
+}
+
+// recvResultWith is recvResult that hands every other message to other
+// (when set); an error from other ends the wait.
+func recvResultWith(ctx context.Context, st *proto.Stream, other func(*proto.StreamMsg) error) (*proto.StreamMsg, error) {
 	for {
 		b, err := st.RecvMsg(ctx)
 		if err != nil {
@@ -399,6 +405,12 @@ func recvResult(ctx context.Context, st *proto.Stream) (*proto.StreamMsg, error)
 			return m, nil
 		case proto.MsgError:
 			return nil, guestError(m)
+		default:
+			if other != nil {
+				if err := other(m); err != nil {
+					return nil, err
+				}
+			}
 		}
 	}
 }

@@ -91,6 +91,14 @@ var agentOnce = sync.OnceValues(func() (string, error) {
 
 func newTestSandbox(t testing.TB) *Sandbox {
 	t.Helper()
+	return bootTestSandbox(t, Options{Image: "test", Images: source, MemoryMiB: 256, DiskSizeMiB: 64})
+}
+
+// bootTestSandbox boots a VM with opts and this test binary's guest agent,
+// closed when the test ends. Unless the test set MATCHLOCK_HOME (volumes
+// shared between its sandboxes), state goes to a fresh directory.
+func bootTestSandbox(t testing.TB, opts Options) *Sandbox {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("boots a VM")
 	}
@@ -101,10 +109,13 @@ func newTestSandbox(t testing.TB) *Sandbox {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Setenv("MATCHLOCK_HOME", t.TempDir())
+	if os.Getenv("MATCHLOCK_HOME") == "" {
+		t.Setenv("MATCHLOCK_HOME", t.TempDir())
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	sb, err := New(ctx, Options{Image: "test", Images: source, Agent: agent, MemoryMiB: 256, DiskSizeMiB: 64})
+	opts.Agent = agent
+	sb, err := New(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -325,47 +325,34 @@ func (s *Sandbox) startMounts(ctx context.Context) error {
 // awaitMount waits for the guest to report a share mounted, first
 // answering its read window (if it was offered one).
 func (s *Sandbox) awaitMount(ctx context.Context, st *proto.Stream, srv *workspace.Server, windowSize uint64) error {
-	for {
-		b, err := st.RecvMsg(ctx)
-		if err != nil {
-			return err
-		}
-		m, err := proto.DecodeStreamMsg(b)
-		if err != nil {
-			return err
-		}
-		switch m.Type {
-		case proto.MsgResult:
+	_, err := recvResultWith(ctx, st, func(m *proto.StreamMsg) error {
+		if m.Type != proto.MsgWindow {
 			return nil
-		case proto.MsgError:
-			return guestError(m)
-		case proto.MsgWindow:
-			if windowSize == 0 || m.Window == nil {
-				if m.Error != "" && s.mnt.notice != nil {
-					s.mnt.notice("share reads over the control channel: guest: " + m.Error)
-				}
-				continue
-			}
-			size := windowSize
-			windowSize = 0 // one offer, one answer
-			mem, err := mapWindow(s.machine.(vmm.GuestMemory), m.Window, size)
-			answer := proto.StreamMsg{Type: proto.MsgWindow}
-			if err != nil {
-				answer.Error = err.Error()
-				if s.mnt.notice != nil {
-					s.mnt.notice("share reads over the control channel: " + err.Error())
-				}
-			} else {
-				s.mnt.mu.Lock()
-				s.mnt.mapped = append(s.mnt.mapped, mem)
-				s.mnt.mu.Unlock()
-				srv.SetWindow(mem)
-			}
-			if err := st.SendMsg(proto.Encode(answer)); err != nil {
-				return err
-			}
 		}
-	}
+		if windowSize == 0 || m.Window == nil {
+			if m.Error != "" && s.mnt.notice != nil {
+				s.mnt.notice("share reads over the control channel: guest: " + m.Error)
+			}
+			return nil
+		}
+		size := windowSize
+		windowSize = 0 // one offer, one answer
+		mem, err := mapWindow(s.machine.(vmm.GuestMemory), m.Window, size)
+		answer := proto.StreamMsg{Type: proto.MsgWindow}
+		if err != nil {
+			answer.Error = err.Error()
+			if s.mnt.notice != nil {
+				s.mnt.notice("share reads over the control channel: " + err.Error())
+			}
+		} else {
+			s.mnt.mu.Lock()
+			s.mnt.mapped = append(s.mnt.mapped, mem)
+			s.mnt.mu.Unlock()
+			srv.SetWindow(mem)
+		}
+		return st.SendMsg(proto.Encode(answer))
+	})
+	return err
 }
 
 // mapWindow maps the pages of a read window the guest names (size bytes,

@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"matchlock.dev/matchlock/kernel"
 	"matchlock.dev/matchlock/workspace"
 )
 
@@ -25,22 +24,7 @@ import (
 // by the caller when volumes are used across sandboxes.
 func newShareSandbox(t testing.TB, opts Options) *Sandbox {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("boots a VM")
-	}
-	if _, err := kernel.Find(""); err != nil {
-		t.Fatalf("%v (run `make kernel`)", err)
-	}
-	agent, err := agentOnce()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if os.Getenv("MATCHLOCK_HOME") == "" {
-		t.Setenv("MATCHLOCK_HOME", t.TempDir())
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	opts.Image, opts.Images, opts.Agent = "test", source, agent
+	opts.Image, opts.Images = "test", source
 	if opts.MemoryMiB == 0 {
 		opts.MemoryMiB = 256
 	}
@@ -48,12 +32,7 @@ func newShareSandbox(t testing.TB, opts Options) *Sandbox {
 		opts.DiskSizeMiB = 256
 	}
 	opts.NoNetwork = true
-	sb, err := New(ctx, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
-	return sb
+	return bootTestSandbox(t, opts)
 }
 
 // gsh runs a busybox shell script in the guest and returns its output.

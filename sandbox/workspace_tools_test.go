@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"matchlock.dev/matchlock/image"
-	"matchlock.dev/matchlock/kernel"
 )
 
 // The guest environment of the tools tests: fixed identities, no system or
@@ -75,25 +74,9 @@ func newToolsSandbox(t *testing.T, share string) *Sandbox {
 	if testing.Short() {
 		t.Skip("boots a VM")
 	}
-	if _, err := kernel.Find(""); err != nil {
-		t.Fatalf("%v (run `make kernel`)", err)
-	}
-	agent, err := agentOnce()
-	if err != nil {
-		t.Fatal(err)
-	}
-	root := toolsImage(t)
-	t.Setenv("MATCHLOCK_HOME", t.TempDir())
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	sb, err := New(ctx, Options{Image: "tools", Images: fixedSource{root}, Agent: agent,
+	return bootTestSandbox(t, Options{Image: "tools", Images: fixedSource{toolsImage(t)},
 		MemoryMiB: 256, DiskSizeMiB: 256, NoNetwork: true,
 		Mounts: []Mount{{Source: share, Target: "/workspace"}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sb.Close() })
-	return sb
 }
 
 // toolsSh runs a shell script in the guest with toolsEnv and returns its

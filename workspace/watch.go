@@ -76,16 +76,13 @@ func (w *watcher) watch(id uint64, fd int) bool {
 	if len(w.byNode) >= maxWatches {
 		return false
 	}
-	rc, err := w.f.SyscallConn()
-	if err != nil {
-		return false
-	}
 	var wd int
-	cerr := rc.Control(func(ifd uintptr) {
+	err := errClosed
+	w.control(func(ifd int) {
 		// The node's O_PATH descriptor, through /proc: inotify takes a path.
-		wd, err = unix.InotifyAddWatch(int(ifd), fmt.Sprintf("/proc/self/fd/%d", fd), watchMask)
+		wd, err = unix.InotifyAddWatch(ifd, fmt.Sprintf("/proc/self/fd/%d", fd), watchMask)
 	})
-	if cerr != nil || err != nil {
+	if err != nil {
 		return false
 	}
 	w.byNode[id], w.byWd[int32(wd)] = int32(wd), id
@@ -105,8 +102,15 @@ func (w *watcher) unwatch(id uint64) {
 	}
 	delete(w.byNode, id)
 	delete(w.byWd, wd)
+	w.control(func(ifd int) { unix.InotifyRmWatch(ifd, uint32(wd)) })
+}
+
+var errClosed = errors.New("inotify closed")
+
+// control runs f on the inotify descriptor, unless the watcher is closed.
+func (w *watcher) control(f func(fd int)) {
 	if rc, err := w.f.SyscallConn(); err == nil {
-		rc.Control(func(ifd uintptr) { unix.InotifyRmWatch(int(ifd), uint32(wd)) })
+		rc.Control(func(fd uintptr) { f(int(fd)) })
 	}
 }
 
