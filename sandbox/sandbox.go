@@ -215,23 +215,9 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		}
 	}
 
-	id := opts.ID
-	if id == "" {
-		id = NewID()
-	}
-	s := &Sandbox{ID: id, Image: imgCfg, Accel: accel}
-	s.snap.record(opts, rootfs, imgCfg)
-	// The guest sees a placeholder for every secret; the real value stays
-	// in this process (the TLS interceptor swaps it in flight).
-	s.placeholders = map[string]string{}
-	for _, sec := range opts.Secrets {
-		ph := placeholder()
-		s.placeholders[ph] = sec.Name
-		s.Image.Env = MergeEnv(s.Image.Env, []string{sec.Name + "=" + ph})
-	}
-	s.dir = SandboxDir(s.ID)
-	if err := os.MkdirAll(s.dir, 0o700); err != nil {
-		return nil, fmt.Errorf("sandbox dir: %w", err)
+	s, err := newSandbox(opts, accel, rootfs, imgCfg)
+	if err != nil {
+		return nil, err
 	}
 	defer func() {
 		if err != nil {
@@ -244,69 +230,112 @@ func New(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		return nil, err
 	}
 	tr.mark("layer")
-	hostname := opts.Hostname
-	if hostname == "" {
-		hostname = s.ID
-	}
-
-	var vmNet *vmm.Net
-	var guestNet *proto.NetConfig
-	if !opts.NoNetwork {
-		s.net, err = startNetwork(opts, opts.NetLog)
-		if err != nil {
-			return nil, err
-		}
-		vmNet, guestNet = s.net.vmNet, s.net.guest
-	}
-	caFiles, err := s.startSecrets(opts)
-	if err != nil {
-		return nil, err
-	}
-	tr.mark("network")
-
-	console := opts.ConsoleLog
-	tail := tailbuf.New(8 << 10)
-	if console == nil {
-		console = tail
-	} else {
-		console = io.MultiWriter(console, tail)
-	}
 	extraDisks, shares, err := s.prepareMounts(&opts, 2)
 	if err != nil {
 		return nil, err
 	}
-	m, err := backend.Start(ctx, vmm.Spec{
+	err = s.launch(ctx, opts, tr, backend, vmm.Spec{
 		Kernel: kernelPath, Initrd: initrd,
 		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
-		Disks:      append([]vmm.Disk{{Path: rootfs, ReadOnly: true}, {Path: upper}}, extraDisks...),
-		Shares:     shares,
-		ConsoleLog: console, RunDir: s.dir, Accel: accel, Net: vmNet,
-	})
+		Disks:  append([]vmm.Disk{{Path: rootfs, ReadOnly: true}, {Path: upper}}, extraDisks...),
+		Shares: shares,
+		Accel:  accel,
+	}, s.startMounts)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// newSandbox makes the Sandbox that New and restore go on to start: its
+// ID, its secrets' placeholders and its directory.
+func newSandbox(opts Options, accel, rootfs string, img ImageConfig) (*Sandbox, error) {
+	id := opts.ID
+	if id == "" {
+		id = NewID()
+	}
+	s := &Sandbox{ID: id, Image: img, Accel: accel}
+	s.snap.record(opts, rootfs, img)
+	// The guest sees a placeholder for every secret; the real value stays
+	// in this process (the TLS interceptor swaps it in flight).
+	s.placeholders = map[string]string{}
+	for _, sec := range opts.Secrets {
+		ph := placeholder()
+		s.placeholders[ph] = sec.Name
+		s.Image.Env = MergeEnv(s.Image.Env, []string{sec.Name + "=" + ph})
+	}
+	s.dir = SandboxDir(s.ID)
+	if err := os.MkdirAll(s.dir, 0o700); err != nil {
+		return nil, fmt.Errorf("sandbox dir: %w", err)
+	}
+	return s, nil
+}
+
+// launch starts the machine of spec, booted or restored (the network, the
+// secrets' CA files and the console are added here), gives the guest agent
+// this sandbox's identity and then, if not nil, runs then, all of it after
+// the machine started within opts.BootTimeout. The caller closes s if it
+// fails.
+func (s *Sandbox) launch(ctx context.Context, opts Options, tr *tracer, backend vmm.Backend, spec vmm.Spec, then func(bootCtx context.Context) error) error {
+	var guestNet *proto.NetConfig
+	if !opts.NoNetwork {
+		var err error
+		if s.net, err = startNetwork(opts, opts.NetLog); err != nil {
+			return err
+		}
+		spec.Net, guestNet = s.net.vmNet, s.net.guest
+	}
+	caFiles, err := s.startSecrets(opts)
+	if err != nil {
+		return err
+	}
+	tr.mark("network")
+
+	tail := tailbuf.New(8 << 10)
+	spec.ConsoleLog, spec.RunDir = tail, s.dir
+	if opts.ConsoleLog != nil {
+		spec.ConsoleLog = io.MultiWriter(opts.ConsoleLog, tail)
+	}
+	m, err := backend.Start(ctx, spec)
 	if s.net != nil {
 		s.net.closeVMEnd()
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
 	s.machine = m
-	tr.mark("vmm started")
+	restored := spec.RestoreFrom != ""
+	if restored {
+		tr.mark("vmm restored")
+	} else {
+		tr.mark("vmm started")
+	}
 
 	bootCtx, cancel := context.WithTimeout(ctx, opts.BootTimeout)
 	defer cancel()
+	hostname := opts.Hostname
+	if hostname == "" {
+		hostname = s.ID
+	}
+	// The identity of this sandbox: without it every copy of a snapshot
+	// would share its clock, RNG state, name and addresses.
 	res, err := s.connect(ctx, bootCtx, cancel, tr, tail, &proto.SetupRequest{
 		Hostname: hostname, RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
 		Net: guestNet, Files: caFiles,
 	})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if res.Error != "" {
-		return nil, fmt.Errorf("guest setup: %s", res.Error)
+		if restored {
+			return fmt.Errorf("guest setup after restore: %s", res.Error)
+		}
+		return fmt.Errorf("guest setup: %s", res.Error)
 	}
-	if err := s.startMounts(bootCtx); err != nil {
-		return nil, err
+	if then != nil {
+		return then(bootCtx)
 	}
-	return s, nil
+	return nil
 }
 
 // connect speaks to a freshly started (or restored) machine: it waits for

@@ -19,7 +19,6 @@ import (
 	"matchlock.dev/matchlock/guest/proto"
 	"matchlock.dev/matchlock/internal/initramfs"
 	"matchlock.dev/matchlock/internal/paths"
-	"matchlock.dev/matchlock/internal/tailbuf"
 	"matchlock.dev/matchlock/kernel"
 	"matchlock.dev/matchlock/snapshot/sparse"
 	"matchlock.dev/matchlock/vmm"
@@ -307,21 +306,9 @@ func restore(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 	}
 	tr.mark("snapshot")
 
-	id := opts.ID
-	if id == "" {
-		id = NewID()
-	}
-	s := &Sandbox{ID: id, Image: info.ImageConfig, Accel: info.Accel}
-	s.snap.record(opts, info.Rootfs, info.ImageConfig)
-	s.placeholders = map[string]string{}
-	for _, sec := range opts.Secrets {
-		ph := placeholder()
-		s.placeholders[ph] = sec.Name
-		s.Image.Env = MergeEnv(s.Image.Env, []string{sec.Name + "=" + ph})
-	}
-	s.dir = SandboxDir(s.ID)
-	if err := os.MkdirAll(s.dir, 0o700); err != nil {
-		return nil, fmt.Errorf("sandbox dir: %w", err)
+	s, err := newSandbox(opts, info.Accel, info.Rootfs, info.ImageConfig)
+	if err != nil {
+		return nil, err
 	}
 	defer func() {
 		if err != nil {
@@ -333,61 +320,14 @@ func restore(ctx context.Context, opts Options) (_ *Sandbox, err error) {
 		return nil, fmt.Errorf("writable layer: %w", err)
 	}
 	tr.mark("layer")
-	hostname := opts.Hostname
-	if hostname == "" {
-		hostname = s.ID
-	}
-	var vmNet *vmm.Net
-	var guestNet *proto.NetConfig
-	if !opts.NoNetwork {
-		s.net, err = startNetwork(opts, opts.NetLog)
-		if err != nil {
-			return nil, err
-		}
-		vmNet, guestNet = s.net.vmNet, s.net.guest
-	}
-	caFiles, err := s.startSecrets(opts)
-	if err != nil {
-		return nil, err
-	}
-	tr.mark("network")
-
-	console := opts.ConsoleLog
-	tail := tailbuf.New(8 << 10)
-	if console == nil {
-		console = tail
-	} else {
-		console = io.MultiWriter(console, tail)
-	}
-	backend := &qemu.Backend{}
-	m, err := backend.Start(ctx, vmm.Spec{
+	err = s.launch(ctx, opts, tr, &qemu.Backend{}, vmm.Spec{
 		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
-		Disks:      []vmm.Disk{{Path: info.Rootfs, ReadOnly: true}, {Path: upper}},
-		ConsoleLog: console, RunDir: s.dir, Accel: info.Accel, Net: vmNet,
+		Disks:       []vmm.Disk{{Path: info.Rootfs, ReadOnly: true}, {Path: upper}},
+		Accel:       info.Accel,
 		RestoreFrom: dir,
-	})
-	if s.net != nil {
-		s.net.closeVMEnd()
-	}
+	}, nil)
 	if err != nil {
 		return nil, err
-	}
-	s.machine = m
-	tr.mark("vmm restored")
-
-	bootCtx, cancel := context.WithTimeout(ctx, opts.BootTimeout)
-	defer cancel()
-	// The identity of this copy: without it every copy would share the
-	// snapshot's clock, RNG state, name and addresses.
-	res, err := s.connect(ctx, bootCtx, cancel, tr, tail, &proto.SetupRequest{
-		Hostname: hostname, RootDevice: "/dev/vda", RootFSType: "ext4", UpperDevice: "/dev/vdb",
-		Net: guestNet, Files: caFiles,
-	})
-	if err != nil {
-		return nil, err
-	}
-	if res.Error != "" {
-		return nil, fmt.Errorf("guest setup after restore: %s", res.Error)
 	}
 	return s, nil
 }
