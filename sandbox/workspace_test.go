@@ -118,6 +118,42 @@ func TestShareSmoke(t *testing.T) {
 	t.Logf("reads: %d through the window, %d on the stream", st.WindowReads, st.StreamReads)
 }
 
+// TestShareExecFromShare starts programs that live on a share, in a
+// working directory on the share, as the exec'd process itself (not from a
+// shell). The agent forks them: with one vCPU this once deadlocked, since
+// the kernel's FUSE requests for the child's chdir and exec wait for the
+// agent, which could not run until the exec was done (guest/agent
+// startProcess).
+func TestShareExecFromShare(t *testing.T) {
+	dir := t.TempDir()
+	bb, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"bin", "sub/deeper"} {
+		os.MkdirAll(filepath.Join(dir, d), 0o755)
+	}
+	os.WriteFile(filepath.Join(dir, "bin", "busybox"), bb, 0o755)
+	os.WriteFile(filepath.Join(dir, "bin", "run.sh"), []byte("#!/bin/sh\necho script in $(pwd)\n"), 0o755)
+	sb := newShareSandbox(t, Options{Mounts: []Mount{{Source: dir, Target: "/w"}}})
+	for _, c := range []struct {
+		argv []string
+		dir  string
+		want string
+	}{
+		{[]string{"/w/bin/busybox", "pwd"}, "/w/sub/deeper", "/w/sub/deeper\n"},
+		{[]string{"/w/bin/run.sh"}, "/w/sub", "script in /w/sub\n"},
+		{[]string{"/bin/pwd"}, "/w/sub/deeper", "/w/sub/deeper\n"},
+	} {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		out, errOut, st, _, err := sb.Output(ctx, ExecOptions{Argv: c.argv, Dir: c.dir, Env: []string{"PATH=/bin"}})
+		cancel()
+		if err != nil || st.Code != 0 || string(out) != c.want {
+			t.Fatalf("%v in %s: %q %q, exit %d, %v", c.argv, c.dir, out, errOut, st.Code, err)
+		}
+	}
+}
+
 // TestShareSemantics runs the syscall checks in the guest on a read-write
 // share, then looks at the result from the host.
 func TestShareSemantics(t *testing.T) {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -53,9 +54,24 @@ func startReaper() {
 	}()
 }
 
+// startProcess starts a process and registers it with the reaper.
+//
+// Go forks with vfork: the forking thread stops until the child has
+// exec'd, and it keeps its P (the runtime's right to run Go code) all the
+// while, with signals blocked. With one vCPU the agent has one P, so
+// nothing else in the agent runs until the exec is done. But a child
+// whose working directory or program lies on a shared directory needs the
+// agent before it gets there: the kernel's FUSE requests for the chdir,
+// the program's path and its first page are the agent's to answer. That
+// was a deadlock (`run -v DIR:/w IMAGE /w/prog` hung the sandbox), so a
+// start runs with a second P.
 func startProcess(path string, argv []string, attr *os.ProcAttr) (*os.Process, chan unix.WaitStatus, error) {
 	procMu.Lock()
 	defer procMu.Unlock()
+	if n := runtime.GOMAXPROCS(0); n < 2 {
+		runtime.GOMAXPROCS(2)
+		defer runtime.GOMAXPROCS(n)
+	}
 	p, err := os.StartProcess(path, argv, attr)
 	if err != nil {
 		return nil, nil, err

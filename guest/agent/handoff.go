@@ -109,7 +109,7 @@ func (s *server) handoff(st *proto.Stream) {
 			logf("handoff: reopen control port: %v", err)
 		}
 	}
-	link := proto.NewLink(s.port)
+	link := proto.NewLink(newVport(s.port))
 	// Our last frame on the old connection, written by hand since its
 	// Conn is gone: the host waits for it before it stops reading.
 	if err := proto.WriteFrame(link, proto.NewHeader(proto.FrameClose, 0, st.ID(), 0), nil); err != nil {
@@ -138,7 +138,7 @@ func (s *server) awaitHost(link *proto.Link, next chan struct{}) {
 		}
 		// A failed Conn closed its Link; the port is still ours.
 		time.Sleep(20 * time.Millisecond)
-		link = proto.NewLink(s.port)
+		link = proto.NewLink(newVport(s.port))
 	}
 }
 
