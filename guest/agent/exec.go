@@ -63,12 +63,13 @@ func startReaper() {
 // whose working directory or program lies on a shared directory needs the
 // agent before it gets there: the kernel's FUSE requests for the chdir,
 // the program's path and its first page are the agent's to answer. That
-// was a deadlock (`run -v DIR:/w IMAGE /w/prog` hung the sandbox), so a
-// start runs with a second P.
+// was a deadlock (`run -v DIR:/w IMAGE /w/prog` hung the sandbox), so
+// once a share is mounted a start runs with a second P (two changes of
+// GOMAXPROCS, a few ms per start under TCG).
 func startProcess(path string, argv []string, attr *os.ProcAttr) (*os.Process, chan unix.WaitStatus, error) {
 	procMu.Lock()
 	defer procMu.Unlock()
-	if n := runtime.GOMAXPROCS(0); n < 2 {
+	if n := runtime.GOMAXPROCS(0); n < 2 && shareSeq.Load() > 0 {
 		runtime.GOMAXPROCS(2)
 		defer runtime.GOMAXPROCS(n)
 	}
