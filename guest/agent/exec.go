@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
@@ -57,21 +58,30 @@ func startReaper() {
 // startProcess starts a process and registers it with the reaper.
 //
 // Go forks with vfork: the forking thread stops until the child has
-// exec'd, and it keeps its P (the runtime's right to run Go code) all the
-// while, with signals blocked. With one vCPU the agent has one P, so
-// nothing else in the agent runs until the exec is done. But a child
-// whose working directory or program lies on a shared directory needs the
-// agent before it gets there: the kernel's FUSE requests for the chdir,
-// the program's path and its first page are the agent's to answer. That
-// was a deadlock (`run -v DIR:/w IMAGE /w/prog` hung the sandbox), so
-// once a share is mounted a start runs with a second P (two changes of
-// GOMAXPROCS, a few ms per start under TCG).
+// exec'd, keeping its P (the runtime's right to run Go code) all the
+// while, with signals blocked. A child whose working directory or program
+// lies on a shared directory needs the agent before it gets that far: the
+// kernel's FUSE requests for the chdir, the program's path and its first
+// page are the agent's to answer. The agent must therefore go on running
+// without that P until the exec is done, which two things prevent:
+//
+//   - with one vCPU there is no other P: one is added for the start;
+//   - a stop-the-world (the garbage collector's) waits for every P,
+//     this one too, and stops everything else meanwhile: the collector
+//     is off for the start.
+//
+// Without both, `run -v DIR:/w IMAGE /w/prog` deadlocked the sandbox.
+// Nothing else in the agent stops the world. Sandboxes without a share
+// skip this (it costs two changes of GOMAXPROCS, a few ms under TCG).
 func startProcess(path string, argv []string, attr *os.ProcAttr) (*os.Process, chan unix.WaitStatus, error) {
 	procMu.Lock()
 	defer procMu.Unlock()
-	if n := runtime.GOMAXPROCS(0); n < 2 && shareSeq.Load() > 0 {
-		runtime.GOMAXPROCS(2)
-		defer runtime.GOMAXPROCS(n)
+	if shareSeq.Load() > 0 {
+		if n := runtime.GOMAXPROCS(0); n < 2 {
+			runtime.GOMAXPROCS(2)
+			defer runtime.GOMAXPROCS(n)
+		}
+		defer debug.SetGCPercent(debug.SetGCPercent(-1))
 	}
 	p, err := os.StartProcess(path, argv, attr)
 	if err != nil {
