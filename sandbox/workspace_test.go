@@ -120,10 +120,9 @@ func TestShareSmoke(t *testing.T) {
 
 // TestShareExecFromShare starts programs that live on a share, in a
 // working directory on the share, as the exec'd process itself (not from a
-// shell). The agent forks them: with one vCPU this once deadlocked, since
-// the kernel's FUSE requests for the child's chdir and exec wait for the
-// agent, which could not run until the exec was done (guest/agent
-// startProcess).
+// shell). The agent forks them, and this once deadlocked: the kernel's
+// FUSE requests for the child's chdir and exec wait for the agent, which
+// could not run until the exec was done (guest/agent startProcess).
 func TestShareExecFromShare(t *testing.T) {
 	dir := t.TempDir()
 	bb, err := os.ReadFile("/bin/busybox")
